@@ -1,0 +1,40 @@
+# k2mini: `make lab` opens the notebooks, `make test` runs the whole suite.
+# Both create .venv on first use and are no-ops for set-up on later runs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.k2mini-installed
+CORPUS := data/shakespeare/.complete
+
+.PHONY: lab test setup corpus pytest nbval bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[lab,hf,test]'
+	touch $(STAMP)
+
+corpus: $(CORPUS)
+
+$(CORPUS): $(STAMP)
+	$(PY) -m k2mini.data fetch
+
+lab: $(STAMP) $(CORPUS)
+	$(VENV)/bin/jupyter lab notebooks/
+
+pytest: $(STAMP) $(CORPUS)
+	$(PY) -m pytest -q tests
+
+nbval: $(STAMP) $(CORPUS)
+	$(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg -p no:randomly
+
+test: pytest nbval
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,16 @@
+"""k2mini: the Kimi K2 architecture (MLA, sigmoid-routed fine-grained MoE, MuonClip) in compact PyTorch."""
+
+from .config import K2Config
+from .model import CausalLMOutput, K2ForCausalLM, KVCache, RouterRecord, Telemetry
+from .checkpoint import CheckpointError, load_pretrained
+
+__all__ = [
+    "K2Config",
+    "K2ForCausalLM",
+    "CausalLMOutput",
+    "KVCache",
+    "RouterRecord",
+    "Telemetry",
+    "CheckpointError",
+    "load_pretrained",
+]

@@ -1,0 +1,164 @@
+"""Fine-grained mixture of experts with K2's sigmoid router (noaux_tc).
+
+The router scores every expert with a sigmoid; a per-expert correction bias (trained by no gradient,
+moved by the loss-free balancing rule) shifts which experts are *chosen*, but the mixing weights
+come from the unbiased scores. Experts are stored stacked, [E, out, in], and run grouped: token-slots
+are sorted by expert and each expert's slice is one matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from torch import nn
+
+from .config import K2Config
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor  # (N, k) chosen experts
+    weights: torch.Tensor  # (N, k) mixing weights (float32), normalized and scaled
+    scores: torch.Tensor  # (N, E) sigmoid scores (float32), differentiable
+
+
+def route(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> Routing:
+    """K2 / DeepSeek-V3 routing for tokens x: (N, hidden)."""
+    scores = F.linear(x.to(torch.float32), gate_weight.to(torch.float32)).sigmoid()  # (N, E)
+    choice = scores.detach() + correction_bias  # the bias picks experts, never weights them
+    if n_group > 1:
+        grouped = rearrange(choice, "n (g e) -> n g e", g=n_group)
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G): sum of each group's top 2
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
+        keep = rearrange(keep[..., None].expand_as(grouped), "n g e -> n (g e)")
+        choice = choice.masked_fill(~keep, float("-inf"))
+    indices = choice.topk(top_k, dim=-1).indices  # (N, k)
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return Routing(indices, weights * routed_scaling_factor, scores)
+
+
+def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Token-slots routed to each expert (E,), as int64."""
+    return torch.bincount(indices.reshape(-1), minlength=n_experts)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+def grouped_swiglu(x_sorted, counts, w_gate, w_up, w_down):
+    """SwiGLU of token-slots already sorted by expert; counts (E,) says how many rows each expert owns.
+
+    One matmul per expert that received tokens (a Python loop over the *hit* experts only).
+    """
+    pieces, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            pieces.append(swiglu(x_sorted[start : start + n], w_gate[e], w_up[e], w_down[e]))
+            start += n
+    if not pieces:
+        return x_sorted.new_zeros(0, w_down.shape[1])
+    return torch.cat(pieces)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, config: K2Config):
+        super().__init__()
+        c = config
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = c.num_experts_per_tok, c.n_group, c.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+
+    @property
+    def correction_bias(self) -> torch.Tensor:
+        return self.e_score_correction_bias
+
+    def forward(self, x) -> Routing:
+        return route(
+            x,
+            self.weight,
+            self.e_score_correction_bias,
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.norm_topk_prob,
+            self.routed_scaling_factor,
+        )
+
+
+class Experts(nn.Module):
+    """n_routed_experts SwiGLU experts stored stacked: gate/up (E, I, H), down (E, H, I)."""
+
+    def __init__(self, config: K2Config):
+        super().__init__()
+        E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, I, H))
+        self.up_proj = nn.Parameter(torch.empty(E, I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x, routing: Routing):
+        """x: (N, H) -> (N, H), the routing-weighted sum of each token's k experts."""
+        N, k = routing.indices.shape
+        slot_expert = routing.indices.reshape(-1)  # (N k,)
+        order = torch.argsort(slot_expert, stable=True)
+        slot_token = order // k  # token of each sorted slot
+        counts = torch.bincount(slot_expert, minlength=self.gate_proj.shape[0])
+        y_sorted = grouped_swiglu(x[slot_token], counts, self.gate_proj, self.up_proj, self.down_proj)
+        w_sorted = routing.weights.reshape(-1)[order].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, slot_token, y_sorted * w_sorted[:, None])
+
+
+class MoE(nn.Module):
+    def __init__(self, config: K2Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.n_experts = config.n_routed_experts
+        width = config.moe_intermediate_size * config.n_shared_experts
+        self.shared_experts = FeedForward(config.hidden_size, width) if width else None
+
+    def forward(self, x):
+        """x: (B, T, H). Returns (output, routing over the B*T tokens)."""
+        B = x.shape[0]
+        flat = rearrange(x, "b t h -> (b t) h")
+        routing = self.gate(flat)
+        y = self.experts(flat, routing)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return rearrange(y, "(b t) h -> b t h", b=B), routing
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio (Wang et al. 2024): (max load - mean load) / mean load, over the last dim."""
+    load = load.to(torch.float32)
+    mean = reduce(load, "... e -> ...", "mean")
+    return (load.amax(-1) - mean) / mean.clamp_min(1e-9)
