@@ -61,19 +61,30 @@ def swiglu(x, w_gate, w_up, w_down):
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
-def grouped_swiglu(x_sorted, counts, w_gate, w_up, w_down):
-    """SwiGLU of token-slots already sorted by expert; counts (E,) says how many rows each expert owns.
+def grouped_experts(x, indices, weights, w_gate, w_up, w_down):
+    """sum_j weights[n, j] * expert_{indices[n, j]}(x[n]) for tokens x: (N, H), stacked expert weights.
 
-    One matmul per expert that received tokens (a Python loop over the *hit* experts only).
+    Token-slots are sorted by expert; each expert that received tokens gathers its rows, runs one
+    SwiGLU on them (three matmuls) and adds the weighted result back into its tokens. No loop over
+    tokens, and experts with no tokens cost nothing.
     """
-    pieces, start = [], 0
-    for e, n in enumerate(counts.tolist()):
+    k = indices.shape[-1]
+    slot_expert = indices.reshape(-1)  # (N k,)
+    order = torch.argsort(slot_expert, stable=True)
+    slot_token = order // k  # the token of each sorted slot
+    slot_weight = weights.reshape(-1)[order].to(x.dtype)
+    counts = torch.bincount(slot_expert, minlength=w_gate.shape[0]).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
         if n:
-            pieces.append(swiglu(x_sorted[start : start + n], w_gate[e], w_up[e], w_down[e]))
+            rows = slot_token[start : start + n]
+            xe = x[rows]  # (n, H)
+            # scaling the (n, I) activation before down_proj is cheaper than scaling (n, H) after it
+            h = F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]) * slot_weight[start : start + n, None]
+            out.index_add_(0, rows, F.linear(h, w_down[e]))
             start += n
-    if not pieces:
-        return x_sorted.new_zeros(0, w_down.shape[1])
-    return torch.cat(pieces)
+    return out
 
 
 class FeedForward(nn.Module):
@@ -127,14 +138,7 @@ class Experts(nn.Module):
 
     def forward(self, x, routing: Routing):
         """x: (N, H) -> (N, H), the routing-weighted sum of each token's k experts."""
-        N, k = routing.indices.shape
-        slot_expert = routing.indices.reshape(-1)  # (N k,)
-        order = torch.argsort(slot_expert, stable=True)
-        slot_token = order // k  # token of each sorted slot
-        counts = torch.bincount(slot_expert, minlength=self.gate_proj.shape[0])
-        y_sorted = grouped_swiglu(x[slot_token], counts, self.gate_proj, self.up_proj, self.down_proj)
-        w_sorted = routing.weights.reshape(-1)[order].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, slot_token, y_sorted * w_sorted[:, None])
+        return grouped_experts(x, routing.indices, routing.weights, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class MoE(nn.Module):

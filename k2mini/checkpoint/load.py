@@ -34,15 +34,14 @@ def load_pretrained(source, dtype: torch.dtype = torch.float32, device="cpu", pr
         for name, target in tqdm(list(wanted.items()), desc="loading tensors", disable=not progress):
             parts = hf_names_for(name, E)
             expected_hf.update(parts)
-            tensors = [reader.get(p, dtype=target.dtype) for p in parts]
-            value = torch.stack(tensors) if len(parts) > 1 else tensors[0]
-            if tuple(value.shape) != tuple(target.shape):
-                where = parts[0] if len(parts) == 1 else f"{parts[0]} .. {parts[-1]}"
-                raise CheckpointError(
-                    f"{reader.source}: tensor {where} has shape {tuple(tensors[0].shape)}, "
-                    f"the config needs {tuple(target.shape) if len(parts) == 1 else tuple(target.shape[1:])}"
-                )
-            target.copy_(value)
+            need = tuple(target.shape) if len(parts) == 1 else tuple(target.shape[1:])
+            for i, part in enumerate(parts):
+                value = reader.get(part, dtype=target.dtype)
+                if tuple(value.shape) != need:
+                    raise CheckpointError(
+                        f"{reader.source}: tensor {part} has shape {tuple(value.shape)}, the config needs {need}"
+                    )
+                (target if len(parts) == 1 else target[i]).copy_(value)
     unexpected = [
         k
         for k in reader.keys()

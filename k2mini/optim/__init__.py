@@ -1,0 +1,31 @@
+"""Muon, QK-Clip and MuonClip: the optimizer side of K2.
+
+    opt = build_optimizer(model, "muonclip", lr=2e-3)     # or "muon", "adamw": runs differ in one name
+    out = model(input_ids, telemetry=True)
+    loss.backward()
+    opt.step(max_logits=out.telemetry.max_logits)          # Muon/AdamW step, then QK-Clip
+    opt.zero_grad(); opt.last_metrics                      # update RMS per group, max logits, heads clipped
+"""
+
+from .groups import KINDS, MuonAdamW, MuonClip, build_optimizer, split_parameters
+from .muon import Muon, NonFiniteGradientError, adjusted_lr
+from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz, ns_singular_value_map
+from .qk_clip import attention_modules, clip_factors, qk_clip_
+
+__all__ = [
+    "Muon",
+    "MuonAdamW",
+    "MuonClip",
+    "NonFiniteGradientError",
+    "build_optimizer",
+    "split_parameters",
+    "KINDS",
+    "newton_schulz",
+    "ns_singular_value_map",
+    "NS_COEFFICIENTS",
+    "default_ns_dtype",
+    "adjusted_lr",
+    "qk_clip_",
+    "clip_factors",
+    "attention_modules",
+]

@@ -1,0 +1,259 @@
+"""Muon: momentum, then Newton-Schulz orthogonalization, for 2-D weights and stacked 3-D experts.
+
+One step for a weight ``W`` of shape ``[A, B]`` (or ``[E, A, B]``, each expert its own matrix):
+
+    B_t = mu * B_{t-1} + (1 - mu) * G                  EMA momentum (torch.optim.Muon's buffer)
+    U   = (1 - mu) * G + mu * B_t   (Nesterov)   or   B_t
+    O   = newton_schulz(U)                           per matrix; experts as one batched call
+    W  <- W * (1 - lr * wd) - lr * adjust(A, B) * O
+    adjust = 0.2 * sqrt(max(A, B))  ("match_rms_adamw", Moonlight/K2)  or  sqrt(max(1, A / B))  ("original")
+
+K2_SPEC writes the momentum heavy-ball style, ``M_t = mu M_{t-1} + G`` and ``U = G + mu M_t``. By
+induction ``B_t = (1 - mu) M_t`` and hence ``U_ema = (1 - mu) U_heavy``: the two differ by a constant
+factor only, and ``newton_schulz`` divides by the Frobenius norm first, so the orthogonalized update
+``O`` is the same. The one place the factor survives is the ``eps`` floor of that division,
+``U / max(||U||_F, eps)``: the EMA form reaches the floor at a gradient 1 / (1 - mu) = 20x larger
+(at ``||U_heavy||_F < 2e-6`` instead of ``1e-7``), where the update stops being unit-scale and shrinks
+with the gradient. That only happens for an all-but-zero gradient, where shrinking is harmless. We
+keep the EMA form so the state (``momentum_buffer``) and the numerics are torch.optim.Muon's; a torch
+Muon state dict of 2-D weights loads here unchanged.
+
+Weight decay uses the un-adjusted ``lr`` (decoupled, as in torch and Moonlight), the update the
+adjusted one. With ``"match_rms_adamw"`` the update RMS is about ``0.2 * lr`` (a touch less, since
+Newton-Schulz leaves singular values in ``[0.68, 1.13]`` rather than at 1), which is the RMS of a
+typical AdamW update: Muon and AdamW can then share one learning rate and one weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz
+
+__all__ = ["Muon", "adjusted_lr", "NonFiniteGradientError"]
+
+ADJUST_LR_MODES = ("match_rms_adamw", "original")
+NS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds inf or nan; the step was not taken and no state was changed."""
+
+
+def adjusted_lr(lr: float, shape: torch.Size | tuple[int, ...], adjust_lr: str) -> float:
+    """The learning rate Muon applies to the orthogonalized update of a matrix ``[..., A, B]``."""
+    A, B = shape[-2:]
+    if adjust_lr == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(A, B))
+    if adjust_lr == "original":
+        return lr * math.sqrt(max(1.0, A / B))
+    raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES}, got {adjust_lr!r}")
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    """ValueError for a Muon group with an impossible hyperparameter."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("a tensor lr must have one element")
+        lr = lr.item()
+    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
+    if not 0.0 <= group["weight_decay"] < math.inf:
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    if not 0.0 <= group["momentum"] < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
+    if isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
+        raise ValueError(f"ns_steps must be an int in [1, 100), got {group['ns_steps']!r}")
+    if not group["eps"] > 0:
+        raise ValueError(f"eps must be > 0, got {group['eps']!r}")
+    if group["adjust_lr"] not in ADJUST_LR_MODES:
+        raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES}, got {group['adjust_lr']!r}")
+    if group["ns_dtype"] is not None and group["ns_dtype"] not in NS_DTYPES:
+        raise ValueError(f"ns_dtype must be None or one of {NS_DTYPES}, got {group['ns_dtype']!r}")
+
+
+def param_label(group: dict[str, Any], index: int, group_index: int) -> str:
+    """The parameter's name if the group was built from named parameters, else where it sits."""
+    names = group.get("param_names")
+    if names is not None:
+        return repr(names[index])
+    return f"param_groups[{group_index}]['params'][{index}]"
+
+
+class Muon(Optimizer):
+    """Muon for 2-D weight matrices and stacked 3-D expert weights ``[E, out, in]``.
+
+    Args:
+        params: parameters, ``named_parameters()`` (then errors name the parameter) or param groups.
+        lr: learning rate; with ``adjust_lr="match_rms_adamw"`` the same value AdamW would use.
+        weight_decay: decoupled weight decay, ``W *= 1 - lr * weight_decay`` each step.
+        momentum, nesterov: EMA momentum coefficient and Nesterov look-ahead (torch.optim.Muon's).
+        ns_steps: Newton-Schulz iterations.
+        adjust_lr: ``"match_rms_adamw"`` (K2, Moonlight; update RMS ~ 0.2 lr) or ``"original"``
+            (Keller Jordan's ``sqrt(max(1, A / B))``, torch's default; wants a ~50x larger lr).
+        ns_dtype: dtype of the Newton-Schulz matmuls; None means bfloat16 on CUDA, float32 elsewhere.
+        eps: floor of the Frobenius norm Newton-Schulz divides by.
+        check_finite: raise ``NonFiniteGradientError`` (naming the parameter) before touching anything
+            when a gradient holds inf or nan. Costs one host sync per step.
+
+    After each step ``last_metrics`` holds, per param group name, ``update_rms/<name>`` (RMS of the
+    step's gradient-driven update, weight decay excluded), ``grad_norm/<name>`` and ``lr/<name>``.
+    The figures stay tensors until ``last_metrics`` is read, so recording them adds no sync.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr: str = "match_rms_adamw",
+        ns_dtype: torch.dtype | None = None,
+        eps: float = 1e-7,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            adjust_lr=adjust_lr,
+            ns_dtype=ns_dtype,
+            eps=eps,
+        )
+        self.check_finite = check_finite
+        self._pending_metrics: dict[str, torch.Tensor | float] = {}
+        super().__init__(params, defaults)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group, len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict[str, Any], group_index: int) -> None:
+        _check_hyperparameters(group)
+        for i, p in enumerate(group["params"]):
+            if p.ndim not in (2, 3):
+                raise ValueError(
+                    f"Muon handles 2-D weights [out, in] and stacked experts [E, out, in]; "
+                    f"{param_label(group, i, group_index)} has shape {tuple(p.shape)}. "
+                    "Give vectors (norms, biases) and embeddings to AdamW, e.g. via k2mini.optim.build_optimizer."
+                )
+            if torch.is_complex(p):
+                raise ValueError(f"Muon does not support complex parameters ({param_label(group, i, group_index)})")
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step; raises before changing anything if a gradient is not finite."""
+        return self._take_step(closure)
+
+    def _take_step(self, closure: Callable[[], Any] | None) -> Any:
+        # Subclasses' step() call this rather than super().step(): torch wraps every class's step with
+        # its hooks, and a super() chain would run them twice.
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = self._collect()  # [(group_index, group, params, grads, grad_norms)]
+        metrics: dict[str, torch.Tensor | float] = {}
+        for gi, group, params, grads, grad_norms in work:
+            name = group.get("name", f"group{gi}")
+            update_sumsq = self._group_step(group, params, grads)
+            numel = sum(p.numel() for p in params)
+            metrics[f"update_rms/{name}"] = (update_sumsq / max(numel, 1)).sqrt()
+            metrics[f"grad_norm/{name}"] = grad_norms.square().sum().sqrt()
+            metrics[f"lr/{name}"] = float(group["lr"])
+        self._pending_metrics = metrics
+        return loss
+
+    def _collect(self) -> list[tuple[int, dict, list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
+        """Params with a gradient per group, their gradient norms, and the finiteness check."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            params, grads, labels = [], [], []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"sparse gradients are not supported ({param_label(group, i, gi)})")
+                params.append(p)
+                grads.append(p.grad)
+                labels.append(param_label(group, i, gi))
+            if not params:
+                continue
+            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(grads[0].device) for g in grads])
+            work.append((gi, group, params, grads, norms, labels))
+
+        if self.check_finite and work:
+            all_finite = torch.stack([torch.isfinite(w[4]).all().cpu() for w in work]).all()
+            if not all_finite:  # one sync; the slow search below runs only on failure
+                bad = [
+                    label
+                    for *_, grads, norms, labels in work
+                    for g, n, label in zip(grads, norms, labels)
+                    if not torch.isfinite(n) and not torch.isfinite(g).all()
+                ]
+                if bad:  # (a finite gradient can still overflow its float32 norm; that is not an error)
+                    raise NonFiniteGradientError(
+                        f"non-finite gradient (inf or nan) in {', '.join(bad)}; the step was skipped and no "
+                        "weight or optimizer state changed. Lower the learning rate, check the loss for "
+                        "inf/nan, or clip gradients."
+                    )
+        return [w[:5] for w in work]
+
+    def _group_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+        return self._muon_group_step(group, params, grads)
+
+    def _muon_group_step(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Muon on one group, in place; returns the sum of squares of the applied updates."""
+        lr = float(group["lr"])
+        weight_decay, momentum = group["weight_decay"], group["momentum"]
+        update_sumsq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(grad, 1 - momentum)  # B = mu B + (1 - mu) G
+            update = grad.lerp(buf, momentum) if group["nesterov"] else buf  # (1 - mu) G + mu B
+
+            ortho = newton_schulz(
+                update,
+                steps=group["ns_steps"],
+                eps=group["eps"],
+                dtype=group["ns_dtype"] or default_ns_dtype(p.device),
+                coefficients=NS_COEFFICIENTS,
+            )
+            step_lr = adjusted_lr(lr, p.shape, group["adjust_lr"])
+            p.mul_(1 - lr * weight_decay)
+            p.add_(ortho, alpha=-step_lr)
+            update_sumsq += step_lr**2 * torch.linalg.vector_norm(ortho, dtype=torch.float32).square().to(update_sumsq.device)
+        return update_sumsq
+
+    # ---- metrics ------------------------------------------------------------------------------
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """Figures of the latest step as Python floats (reading them syncs once)."""
+        return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in self._pending_metrics.items()}

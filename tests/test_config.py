@@ -1,0 +1,120 @@
+"""K2Config: released presets, HF config.json spellings, parameter accounting, bad input."""
+
+import json
+
+import pytest
+
+from k2mini import K2Config
+from k2mini.rope import softmax_scale
+
+K2_CONFIG_JSON = {  # the fields of Kimi-K2-Instruct's config.json that matter (transformers-4 spelling)
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "vocab_size": 163840,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "first_k_dense_replace": 1, "num_attention_heads": 64, "num_key_value_heads": 64,
+    "n_routed_experts": 384, "num_experts_per_tok": 8, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "routed_scaling_factor": 2.827, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "rope_theta": 50000.0, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+    "rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "tie_word_embeddings": False, "num_nextn_predict_layers": 0, "bos_token_id": 163584, "eos_token_id": 163585,
+}
+
+
+@pytest.mark.parametrize(
+    "name,total,active",
+    [
+        ("kimi-k2", 1_026_408_232_448, 32_861_500_928),
+        ("kimi-k2-instruct-0905", 1_026_408_232_448, 32_861_500_928),
+        ("deepseek-v3", 671_026_419_200, 37_552_297_472),
+    ],
+)
+def test_released_parameter_counts(name, total, active):
+    assert K2Config.preset(name).param_counts() == {"total": total, "active": active}
+
+
+def test_param_counts_equal_meta_model():
+    import torch
+
+    from k2mini import K2ForCausalLM
+
+    for name in ("kimi-k2", "moonlight-16b-a3b", "k2-mini"):
+        config = K2Config.preset(name)
+        with torch.device("meta"):
+            model = K2ForCausalLM(config)
+        n = sum(p.numel() for p in model.parameters()) + sum(
+            b.numel() for k, b in model.named_buffers() if k.endswith("e_score_correction_bias")
+        )
+        assert n == config.param_counts()["total"], name
+
+
+def test_k2_expert_arithmetic():
+    c = K2Config.preset("kimi-k2")
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    assert expert == 44_040_192
+    assert (c.num_experts_per_tok + c.n_shared_experts) * expert == 3 * c.hidden_size * c.intermediate_size
+    assert c.sparsity == 48
+
+
+def test_k2_softmax_scale():
+    assert softmax_scale(K2Config.preset("kimi-k2")) == pytest.approx(0.130861, abs=5e-7)
+
+
+def test_from_hf_kimi_k2_json_equals_preset(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(K2_CONFIG_JSON))
+    for source in (K2_CONFIG_JSON, path, tmp_path):
+        c = K2Config.from_hf(source)
+        assert c.param_counts() == K2Config.preset("kimi-k2").param_counts()
+        assert c.rope_scaling == K2Config.preset("kimi-k2").rope_scaling
+
+
+def test_transformers5_rope_parameters_spelling():
+    d = dict(K2_CONFIG_JSON, model_type="deepseek_v3")
+    rs = d.pop("rope_scaling")
+    d.pop("rope_theta")
+    d["rope_parameters"] = {**{k: v for k, v in rs.items() if k != "type"}, "rope_type": "yarn", "rope_theta": 50000.0}
+    c = K2Config.from_hf(d)
+    assert c.rope_theta == 50000.0 and c.rope_scaling["factor"] == 32.0
+
+
+def test_to_hf_is_accepted_by_transformers():
+    transformers = pytest.importorskip("transformers")
+    for name in ("kimi-k2", "moonlight-16b-a3b", "deepseek-v3", "k2-mini"):
+        c = K2Config.preset(name)
+        hf = transformers.DeepseekV3Config(**c.to_hf())
+        assert hf.hidden_size == c.hidden_size and hf.n_routed_experts == c.n_routed_experts
+        assert K2Config.from_hf(hf.to_dict()).param_counts() == c.param_counts()
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"model_type": "llama"}, "model_type"),
+        ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
+        ({"hidden_size": None}, "hidden_size"),
+        ({"n_group": 5}, "n_group"),
+        ({"topk_group": 2}, "topk_group"),
+        ({"scoring_func": "softmax"}, "scoring_func"),
+        ({"qk_rope_head_dim": 63}, "qk_rope_head_dim"),
+        ({"num_key_value_heads": 8}, "num_key_value_heads"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"hidden_size": "7168"}, "hidden_size"),
+    ],
+)
+def test_bad_config_names_the_field(change, field):
+    d = dict(K2_CONFIG_JSON, **change)
+    with pytest.raises(ValueError, match=field):
+        K2Config.from_hf(d)
+
+
+def test_missing_field_is_named():
+    d = dict(K2_CONFIG_JSON)
+    del d["kv_lora_rank"]
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        K2Config.from_hf(d)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        K2Config.preset("gpt-5")

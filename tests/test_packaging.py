@@ -1,0 +1,49 @@
+"""environment.yml mirrors pyproject.toml; the torch pin the Makefile uses is the constraint's."""
+
+import pathlib
+import re
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _env_pip():
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.strip() == "- pip:")
+    reqs = []
+    for l in lines[start + 1 :]:
+        s = l.strip()
+        if s.startswith("- ") and not s.startswith("- -e"):
+            reqs.append(s[2:].strip())
+    return reqs
+
+
+def test_environment_yml_mirrors_pyproject():
+    project = _pyproject()
+    wanted = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted += extra
+    env = _env_pip()
+    env_by_name = {_name(r): r for r in env}
+    for req in wanted:
+        name = _name(req)
+        if name == "torch":
+            continue  # pinned exactly in environment.yml, ranged in pyproject (checked below)
+        assert name in env_by_name, f"environment.yml lacks {req}"
+        assert env_by_name[name].replace(" ", "") == req.replace(" ", ""), f"{req} != {env_by_name[name]}"
+    assert set(env_by_name) - {"torch"} == {_name(r) for r in wanted} - {"torch"}
+
+
+def test_torch_pin_agrees():
+    constraints = (ROOT / "constraints.txt").read_text()
+    pin = re.search(r"^torch==(\S+)$", constraints, re.M).group(1)
+    assert f"torch=={pin}" in _env_pip()
+    assert f"torch=={pin}" in (ROOT / "Makefile").read_text()
