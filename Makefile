@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 corpus: $(CORPUS)
 
-$(CORPUS): $(STAMP)
-	$(PY) -m k2mini.data fetch
+$(CORPUS): | $(STAMP)
+	$(PY) -c "from k2mini.data import main; raise SystemExit(main(['fetch']))"
 
 lab: $(STAMP) $(CORPUS)
 	$(VENV)/bin/jupyter lab notebooks/

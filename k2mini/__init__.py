@@ -3,6 +3,7 @@
 from .config import K2Config
 from .model import CausalLMOutput, K2ForCausalLM, KVCache, RouterRecord, Telemetry
 from .checkpoint import CheckpointError, load_pretrained
+from .data import ByteTokenizer, Corpus, TokenDataset, fetch_corpus, load_corpus, make_dataset
 
 __all__ = [
     "K2Config",
@@ -13,4 +14,10 @@ __all__ = [
     "Telemetry",
     "CheckpointError",
     "load_pretrained",
+    "ByteTokenizer",
+    "Corpus",
+    "TokenDataset",
+    "fetch_corpus",
+    "load_corpus",
+    "make_dataset",
 ]

@@ -22,7 +22,7 @@ from k2mini.optim import (
     split_parameters,
 )
 
-SHAPES = [(64, 128), (128, 64), (48, 48)]  # wide, tall (transposed inside NS), square
+SHAPES = [(32, 64), (64, 32), (32, 32)]  # wide, tall (transposed inside NS), square
 
 
 def _pair(shapes, seed=0):
@@ -48,7 +48,7 @@ def test_matches_torch_muon_in_bf16(adjust_lr, torch_adjust):
     start = [p.detach().clone() for p in ours]
     opt = Muon(ours, lr=0.02, adjust_lr=adjust_lr, ns_dtype=torch.bfloat16)
     ref = torch.optim.Muon(theirs, lr=0.02, adjust_lr_fn=torch_adjust)
-    _step_both(opt, ours, ref, theirs, steps=5)
+    _step_both(opt, ours, ref, theirs, steps=4)
     for a, b, p0 in zip(ours, theirs, start):
         # Same ops in the same order and dtype as torch: measured bitwise equal. Allow one bf16 ulp
         # (2^-8) of the total update in case a kernel reduces in another order on another CPU.
@@ -61,7 +61,7 @@ def test_matches_torch_muon_in_float32_up_to_bf16_rounding(adjust_lr, torch_adju
     start = [p.detach().clone() for p in ours]
     opt = Muon(ours, lr=0.02, adjust_lr=adjust_lr, ns_dtype=torch.float32)
     ref = torch.optim.Muon(theirs, lr=0.02, adjust_lr_fn=torch_adjust)
-    _step_both(opt, ours, ref, theirs, steps=5)
+    _step_both(opt, ours, ref, theirs, steps=4)
     for a, b, p0 in zip(ours, theirs, start):
         ours_delta, ref_delta = (a - p0).detach(), (b - p0).detach()
         rel = ((ours_delta - ref_delta).norm() / ref_delta.norm()).item()

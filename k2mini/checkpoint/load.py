@@ -1,4 +1,9 @@
-"""load_pretrained: a HF-format checkpoint -> K2ForCausalLM, one tensor at a time."""
+"""load_pretrained: a HF-format checkpoint (bf16/fp32 or fp8 with block scales, local or remote) ->
+K2ForCausalLM, shard by shard.
+
+Everything is checked before any tensor data is read: the config, every expected tensor's presence,
+dtype and shape (against the config), fp8 scales, and that the checkpoint holds nothing unexplained.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +13,67 @@ from tqdm.auto import tqdm
 from ..config import K2Config
 from ..model import K2ForCausalLM
 from ..rope import rope_frequencies
-from .names import hf_names_for, is_ignored
-from .reader import CheckpointError, CheckpointReader
+from .names import hf_tensor_names, is_ignored, is_scale
+from .reader import INDEX, CheckpointError, CheckpointReader
 
 
-def load_pretrained(source, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True) -> K2ForCausalLM:
+def load_pretrained(
+    source, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True, fs=None
+) -> K2ForCausalLM:
     """Load a Kimi-K2 / Moonlight / DeepSeek-V3 style checkpoint into a K2ForCausalLM.
 
-    The model is built on the meta device and each parameter is filled from the checkpoint, so peak
-    memory is the model plus one tensor.
+    source: a checkpoint directory, `hf://owner/repo[@revision]`, an http(s) URL of the directory, or
+    an open CheckpointReader. fp8 weights are dequantized to `dtype` on read; the router's correction
+    bias stays float32. The model is built on the meta device and each tensor is read straight into its
+    parameter, so peak memory is the model plus a fixed read buffer.
     """
-    reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
+    own = not isinstance(source, CheckpointReader)
+    reader = CheckpointReader(source, fs=fs) if own else source
+    try:
+        return _load(reader, dtype, device, progress)
+    finally:
+        if own:
+            reader.close()
+
+
+def _load(reader: CheckpointReader, dtype, device, progress) -> K2ForCausalLM:
     try:
         config = K2Config.from_hf(reader.config)
     except ValueError as e:
-        raise CheckpointError(f"{reader.source}/config.json: {e}") from None
+        raise CheckpointError(f"{reader.files.url('config.json')}: {e}") from None
     with torch.device("meta"):
-        model = K2ForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    E = config.n_routed_experts
-    wanted = dict(model.named_parameters())
-    wanted.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
-    expected_hf = set()
-    with torch.no_grad():
-        for name, target in tqdm(list(wanted.items()), desc="loading tensors", disable=not progress):
-            parts = hf_names_for(name, E)
-            expected_hf.update(parts)
-            need = tuple(target.shape) if len(parts) == 1 else tuple(target.shape[1:])
-            for i, part in enumerate(parts):
-                value = reader.get(part, dtype=target.dtype)
-                if tuple(value.shape) != need:
-                    raise CheckpointError(
-                        f"{reader.source}: tensor {part} has shape {tuple(value.shape)}, the config needs {need}"
-                    )
-                (target if len(parts) == 1 else target[i]).copy_(value)
+        model = K2ForCausalLM(config).to(dtype)
+    for layer in model.moe_layers():
+        layer.mlp.gate.e_score_correction_bias = layer.mlp.gate.e_score_correction_bias.float()
+    model = model.to_empty(device=device)
+    targets = {n: p.detach() for n, p in model.named_parameters()}  # detached views share the storage
+    targets.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+
+    plan = []  # (hf_name, destination tensor)
+    for hf, name, expert in hf_tensor_names(targets, config.n_routed_experts):
+        plan.append((hf, targets[name] if expert is None else targets[name][expert]))
+    missing = [hf for hf, _ in plan if hf not in reader]
+    if missing:
+        raise CheckpointError(
+            f"{reader.files.url(INDEX)}: {len(missing)} tensors the config needs are missing, e.g. {missing[:3]}"
+        )
+    expected = {hf for hf, _ in plan}
     unexpected = [
         k
         for k in reader.keys()
-        if k not in expected_hf and not is_ignored(k, config.num_hidden_layers) and not k.endswith("_scale_inv")
+        if k not in expected and not is_ignored(k, config.num_hidden_layers) and not is_scale(k)
     ]
     if unexpected:
         raise CheckpointError(f"{reader.source}: tensors the config does not explain, e.g. {unexpected[:3]}")
+    for hf, dst in plan:  # every header, dtype, shape and fp8 scale, before any data is read
+        reader.check(hf, shape=dst.shape, floating=True)
+
+    destination = dict(plan)
+    with torch.no_grad():
+        groups = reader.group_by_shard(expected)
+        for shard, names in tqdm(groups.items(), desc="loading shards", unit="shard", disable=not progress):
+            for hf in names:
+                reader.get(hf, out=destination[hf])
     inv_freq, _ = rope_frequencies(config)
     model.inv_freq = inv_freq.to(device)
     if config.tie_word_embeddings:

@@ -38,3 +38,37 @@ def is_ignored(hf_name: str, num_hidden_layers: int) -> bool:
 def layer_of(name: str) -> int | None:
     m = LAYER_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+SCALE_SUFFIX = "_scale_inv"
+# The Linear weights K2 / DeepSeek-V3 publish in fp8: attention projections and every FFN matrix (dense,
+# routed and shared experts). The router (`mlp.gate.weight`), norms, embeddings and lm_head are not.
+FP8_WEIGHT_RE = re.compile(
+    r"^model\.layers\.\d+\."
+    r"(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
+)
+
+
+def scale_name(weight_name: str) -> str:
+    """`...q_a_proj.weight` -> `...q_a_proj.weight_scale_inv`."""
+    return weight_name + SCALE_SUFFIX
+
+
+def is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
+
+def is_fp8_quantized(hf_name: str) -> bool:
+    """Whether an fp8 K2 checkpoint stores this tensor as float8 with a block scale."""
+    return bool(FP8_WEIGHT_RE.match(hf_name))
+
+
+def hf_tensor_names(k2_names, n_experts: int) -> list[tuple[str, str, int | None]]:
+    """(hf_name, k2_name, expert index or None) for every HF tensor behind the given k2mini names."""
+    out = []
+    for name in k2_names:
+        parts = hf_names_for(name, n_experts)
+        stacked = STACKED_RE.match(name) is not None
+        out.extend((hf, name, e if stacked else None) for e, hf in enumerate(parts))
+    return out

@@ -1,0 +1,99 @@
+"""Muon step and batched Newton-Schulz: k2mini against torch.optim.Muon and a per-expert loop.
+
+One process, float32 parameters, 2 threads, the Muon parameters of `K2Config.preset("k2-mini")`
+(hidden 256, 4 layers, 64 experts of width 64; experts stacked [64, 64, 256] / [64, 256, 64]).
+
+1. One optimizer step over every Muon-trained matrix. torch.optim.Muon takes 2-D weights only, so it
+   gets each expert as its own 2-D parameter, and it always runs Newton-Schulz in bfloat16; k2mini runs
+   it in float32 on CPU by default (the row that matters to a user) and in bfloat16 too (same dtype).
+2. Newton-Schulz over one stacked expert weight: one batched call against a Python loop over experts,
+   same function, same dtype.
+
+Goals: k2mini's step no slower than torch's; batched >= 3x the loop.
+
+    python benchmarks/bench_optim.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import best_times, print_table  # noqa: E402
+
+from k2mini import K2Config, K2ForCausalLM  # noqa: E402
+from k2mini.optim import Muon, newton_schulz, split_parameters  # noqa: E402
+
+PRESET = "k2-mini"
+REPEATS = 5
+
+
+def muon_params(preset: str) -> list[torch.Tensor]:
+    """The tensors Muon trains in a K2 model of this preset (attention, FFNs, experts, router)."""
+    torch.manual_seed(0)
+    model = K2ForCausalLM(K2Config.preset(preset))
+    roles = split_parameters(model)
+    return [p.detach().clone() for _, p in roles["matrices"] + roles["router"]]
+
+
+def step_candidates(weights: list[torch.Tensor]) -> tuple[dict, dict]:
+    """Zero-argument callables doing one optimizer step each, and their parameter counts."""
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(w.shape, generator=g) for w in weights]
+
+    def params_with_grads(split_experts: bool):
+        ps = []
+        for w, gr in zip(weights, grads):
+            pieces = list(zip(w.unbind(), gr.unbind())) if (split_experts and w.ndim == 3) else [(w, gr)]
+            for wp, gp in pieces:
+                p = torch.nn.Parameter(wp.clone())
+                p.grad = gp.clone()
+                ps.append(p)
+        return ps
+
+    ours32, ours16, theirs = params_with_grads(False), params_with_grads(False), params_with_grads(True)
+    opts = {
+        "k2mini Muon (float32 NS, experts batched)": Muon(ours32, lr=1e-3, ns_dtype=torch.float32),
+        "k2mini Muon (bf16 NS, experts batched)": Muon(ours16, lr=1e-3, ns_dtype=torch.bfloat16),
+        "torch.optim.Muon (bf16 NS, 2-D slices)": torch.optim.Muon(theirs, lr=1e-3, adjust_lr_fn="match_rms_adamw"),
+    }
+    counts = {name: len(o.param_groups[0]["params"]) for name, o in opts.items()}
+    return {name: o.step for name, o in opts.items()}, counts
+
+
+def main():
+    torch.set_num_threads(2)
+    weights = muon_params(PRESET)
+    n_expert_stacks = sum(w.ndim == 3 for w in weights)
+    print(f"{PRESET}: {len(weights)} Muon tensors ({n_expert_stacks} stacked expert weights "
+          f"{tuple(next(w.shape for w in weights if w.ndim == 3))}), "
+          f"{sum(w.numel() for w in weights) / 1e6:.2f}M parameters, threads={torch.get_num_threads()}\n")
+
+    steps, counts = step_candidates(weights)
+    t = best_times(steps, repeats=REPEATS)
+    ref = t["torch.optim.Muon (bf16 NS, 2-D slices)"]
+    rows = [(name, counts[name], f"{1e3 * s:.1f}", f"{ref / s:.2f}x") for name, s in t.items()]
+    print("1. one Muon step over all matrices (best of %d)" % REPEATS)
+    print_table(rows, ("optimizer", "tensors", "ms", "speed vs torch"))
+
+    print("\n2. Newton-Schulz over one stacked expert weight, batched vs a loop over experts (best of %d)" % REPEATS)
+    rows = []
+    experts = [w for w in weights if w.ndim == 3]
+    for G in (experts[0], experts[-1]):  # gate/up [E, I, H] (wide) and down [E, H, I] (tall)
+        for dtype in (torch.float32, torch.bfloat16):
+            t = best_times(
+                {
+                    "batched": lambda: newton_schulz(G, dtype=dtype),
+                    "loop": lambda: [newton_schulz(g, dtype=dtype) for g in G.unbind()],
+                },
+                repeats=REPEATS,
+            )
+            rows.append((str(tuple(G.shape)), str(dtype).removeprefix("torch."), f"{1e3 * t['batched']:.1f}",
+                         f"{1e3 * t['loop']:.1f}", f"{t['loop'] / t['batched']:.2f}x"))
+    print_table(rows, ("experts", "dtype", "batched ms", "loop ms", "speed-up"))
+
+
+if __name__ == "__main__":
+    main()
