@@ -3,6 +3,7 @@
 from .config import K2Config
 from .model import CausalLMOutput, K2ForCausalLM, KVCache, RouterRecord, Telemetry
 from .checkpoint import CheckpointError, load_pretrained
+from .pretrained import pretrained_mini
 from .data import ByteTokenizer, Corpus, TokenDataset, fetch_corpus, load_corpus, make_dataset
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "fetch_corpus",
     "load_corpus",
     "make_dataset",
+    "pretrained_mini",
 ]

@@ -114,10 +114,9 @@ def decode_step_seconds(model, contexts, repeats: int = 3, seed: int = 0, chunk:
             best = {"naive": float("inf"), "absorbed": float("inf")}
             for _ in range(repeats):
                 for form in best:
-                    if s == 1:
-                        cache = KVCache.empty(model.config)
-                    else:
-                        cache = KVCache([LayerCache(c.kv_latent[:, : s - 1], c.k_rope[:, : s - 1]) for c in full.layers])
+                    cache = KVCache.empty(model.config)
+                    if s > 1:  # views of the first s - 1 prefilled positions; `full` stays intact
+                        cache.layers = [LayerCache(c.kv_latent[:, : s - 1], c.k_rope[:, : s - 1]) for c in full.layers]
                     t0 = time.perf_counter()
                     model(ids[:, s - 1 : s], cache=cache, absorbed=form == "absorbed")
                     best[form] = min(best[form], time.perf_counter() - t0)

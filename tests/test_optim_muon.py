@@ -78,6 +78,19 @@ def test_state_is_torch_compatible():
     assert torch.equal(opt.state[ours[0]]["momentum_buffer"], ref.state[theirs[0]]["momentum_buffer"])
 
 
+def test_loads_a_torch_muon_state_dict_and_continues_identically():
+    ours, theirs = _pair(SHAPES[:2])
+    ref = torch.optim.Muon(theirs, lr=0.02, adjust_lr_fn="match_rms_adamw")
+    _step_both(ref, theirs, torch.optim.Muon(ours, lr=0.02, adjust_lr_fn="match_rms_adamw"), ours, steps=2)
+    opt = Muon(ours, lr=0.02, ns_dtype=torch.bfloat16)
+    # (a copy, as from disk: load_state_dict keeps tensors that already have the right dtype, so both
+    # optimizers would share one momentum buffer.) torch's groups lack adjust_lr / ns_dtype: ours fill them in.
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    _step_both(opt, ours, ref, theirs, steps=2, seed=2)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stacked_experts_equal_per_expert_updates(dtype):
     E = 4
@@ -321,6 +334,20 @@ def test_state_dict_round_trip(micro_config, kind):
     _train(resumed, resumed_opt, more)
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_deepcopy_gives_an_independent_optimizer_that_steps_the_same(micro_config):
+    ids = torch.randint(0, 256, (2, 2, 12), generator=torch.Generator().manual_seed(0))
+    model = _model(micro_config)
+    opt = build_optimizer(model, "muonclip", lr=1e-2, tau=0.04)
+    _train(model, opt, ids[:1])
+    twin_model, twin_opt = copy.deepcopy((model, opt))  # one memo: the copy's groups hold the copy's params
+    assert twin_opt.model is twin_model and twin_opt.tau == 0.04 and twin_opt.check_finite
+    _train(model, opt, ids[1:])
+    _train(twin_model, twin_opt, ids[1:])
+    for (name, a), b in zip(model.named_parameters(), twin_model.parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(opt.clip_counts, twin_opt.clip_counts)
 
 
 def test_muon_adamw_needs_use_muon_in_every_group():

@@ -1,6 +1,19 @@
-"""Checkpoints in the Hugging Face layout (the only place that knows HF tensor names)."""
+"""Checkpoints in the Hugging Face layout (the only place that knows HF tensor names, sharding, fp8 block
+scales and where bytes come from: local directories, hf:// or http(s) through fsspec)."""
 
+from .fp8 import dequantize_fp8, quantize_fp8
 from .load import load_pretrained
 from .reader import CheckpointError, CheckpointReader
+from .save import K2_QUANTIZATION_CONFIG, save_pretrained
+from .sources import NetworkError
 
-__all__ = ["load_pretrained", "CheckpointError", "CheckpointReader"]
+__all__ = [
+    "load_pretrained",
+    "save_pretrained",
+    "CheckpointReader",
+    "CheckpointError",
+    "NetworkError",
+    "quantize_fp8",
+    "dequantize_fp8",
+    "K2_QUANTIZATION_CONFIG",
+]

@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as adamw_functional
 
 from .muon import Muon, adjusted_lr  # noqa: F401  (adjusted_lr re-exported for notebooks)
-from .qk_clip import check_max_logits, qk_clip_, attention_modules
+from .qk_clip import attention_modules, check_max_logits, check_tau, qk_clip_
 
 __all__ = ["MuonAdamW", "MuonClip", "build_optimizer", "split_parameters", "KINDS"]
 
@@ -110,9 +110,16 @@ class MuonAdamW(Muon):
                 "[{'params': matrices, 'use_muon': True}, {'params': others, 'use_muon': False}]; "
                 "k2mini.optim.build_optimizer(model, ...) builds them for a K2 model"
             )
-        for key, value in self._kind_defaults[bool(param_group["use_muon"])].items():
-            param_group.setdefault(key, value)
+        self._fill_group_defaults(param_group)
         super().add_param_group(param_group)
+
+    _PICKLED_ATTRS = Muon._PICKLED_ATTRS + ("_kind_defaults",)
+
+    def _fill_group_defaults(self, group: dict[str, Any]) -> None:
+        if "use_muon" in group:
+            for key, value in self._kind_defaults[bool(group["use_muon"])].items():
+                group.setdefault(key, value)
+        super()._fill_group_defaults(group)
 
     def _validate_group(self, group: dict[str, Any], group_index: int) -> None:
         if group["use_muon"]:
@@ -181,10 +188,10 @@ class MuonClip(MuonAdamW):
     in ``state_dict()`` under ``"qk_clip"``.
     """
 
+    _PICKLED_ATTRS = MuonAdamW._PICKLED_ATTRS + ("model", "tau", "clip_counts", "last_gamma")
+
     def __init__(self, param_groups: Iterable[dict[str, Any]], model: nn.Module, *, tau: float = 100.0, **kwargs: Any):
-        clip_factors_check = float(tau)
-        if math.isnan(clip_factors_check) or not clip_factors_check > 0:
-            raise ValueError(f"tau must be a number > 0, got {tau!r}")
+        check_tau(tau)
         super().__init__(param_groups, **kwargs)
         self.model = model
         self.tau = float(tau)

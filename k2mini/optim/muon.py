@@ -15,8 +15,8 @@ factor only, and ``newton_schulz`` divides by the Frobenius norm first, so the o
 ``U / max(||U||_F, eps)``: the EMA form reaches the floor at a gradient 1 / (1 - mu) = 20x larger
 (at ``||U_heavy||_F < 2e-6`` instead of ``1e-7``), where the update stops being unit-scale and shrinks
 with the gradient. That only happens for an all-but-zero gradient, where shrinking is harmless. We
-keep the EMA form so the state (``momentum_buffer``) and the numerics are torch.optim.Muon's; a torch
-Muon state dict of 2-D weights loads here unchanged.
+keep the EMA form so the state (``momentum_buffer``) and the numerics are torch.optim.Muon's; a
+torch.optim.Muon state dict of 2-D weights loads here (its groups get our adjust_lr and ns_dtype).
 
 Weight decay uses the un-adjusted ``lr`` (decoupled, as in torch and Moonlight), the update the
 adjusted one. With ``"match_rms_adamw"`` the update RMS is about ``0.2 * lr`` (a touch less, since
@@ -135,7 +135,26 @@ class Muon(Optimizer):
         self._pending_metrics: dict[str, torch.Tensor | float] = {}
         super().__init__(params, defaults)
 
+    # attributes beyond torch's (defaults, state, param_groups) that copy/pickle must carry
+    _PICKLED_ATTRS: tuple[str, ...] = ("check_finite", "_pending_metrics")
+
     # ---- construction -------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED_ATTRS if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # also runs inside load_state_dict: groups saved without a key (e.g. by torch.optim.Muon,
+        # which has no adjust_lr / ns_dtype) get this optimizer's default for it
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._fill_group_defaults(group)
+
+    def _fill_group_defaults(self, group: dict[str, Any]) -> None:
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

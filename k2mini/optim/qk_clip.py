@@ -27,7 +27,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-__all__ = ["qk_clip_", "clip_factors", "attention_modules", "check_max_logits"]
+__all__ = ["qk_clip_", "clip_factors", "attention_modules", "check_max_logits", "check_tau"]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -54,12 +54,12 @@ def check_max_logits(model: nn.Module, max_logits: torch.Tensor) -> torch.Tensor
 
 def clip_factors(max_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """gamma = tau / S where S > tau, exactly 1.0 elsewhere (a pure function)."""
-    _check_tau(tau)
+    check_tau(tau)
     S = max_logits.to(torch.float32)
     return torch.where(S > tau, tau / S, torch.ones_like(S))
 
 
-def _check_tau(tau: float) -> None:
+def check_tau(tau: float) -> None:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or not tau > 0:
         raise ValueError(f"tau must be a number > 0, got {tau!r}")
 
@@ -95,7 +95,7 @@ def qk_clip_(model: nn.Module, max_logits: torch.Tensor, tau: float) -> torch.Te
         gamma [layers, heads] (float32): the factor each head's logits were multiplied by, 1.0 where
         the head was left alone.
     """
-    _check_tau(tau)
+    check_tau(tau)
     S = check_max_logits(model, max_logits)
     if not torch.isfinite(S).all():
         bad = (~torch.isfinite(S)).nonzero().tolist()

@@ -1,0 +1,173 @@
+"""save_pretrained: K2ForCausalLM -> a HF-format checkpoint that transformers loads (per-expert names,
+sharded safetensors + index), optionally fp8-quantized the way Kimi-K2 publishes its weights.
+
+The checkpoint is written into a hidden temporary directory beside `path`, flushed to disk, and only
+then renamed to `path`: an interrupted save never leaves a directory that looks like a checkpoint.
+Tensors are produced and written one at a time, so memory stays at the model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .fp8 import quantize_fp8, scale_shape
+from .names import hf_tensor_names, is_fp8_quantized, scale_name
+from .reader import CONFIG, INDEX
+from .safetensors_format import DTYPE_NAMES, DTYPES, encode_header, tensor_bytes
+
+K2_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+
+
+def save_pretrained(
+    model,
+    path,
+    fp8: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write `model` as config.json + model-0000i-of-0000N.safetensors + model.safetensors.index.json.
+
+    fp8: store every attention and FFN Linear weight (dense, routed and shared experts) as float8_e4m3fn
+    with a float32 `<name>_scale_inv` per 128x128 block, and say so in config.json's quantization_config.
+    dtype: dtype of the other tensors (default: as in the model); the router's correction bias stays
+    float32. An existing `path` is replaced whole; files in it that are not part of a checkpoint
+    (tokenizer, README, ...) are carried over.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory")
+    groups = _plan(model, fp8, dtype)
+    shards = _split(groups, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    try:
+        config = model.config.to_hf()
+        config.pop("quantization_config", None)
+        if fp8:
+            config["quantization_config"] = dict(K2_QUANTIZATION_CONFIG)
+        _write_file(tmp / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        weight_map = {}
+        bar = tqdm(total=sum(_group_bytes(g) for g in groups), unit="B", unit_scale=True, desc="saving", disable=not progress)
+        for name, shard in zip(names, shards):
+            _write_shard(tmp / name, shard, bar)
+            weight_map.update({t[0]: name for g in shard for t in g["tensors"]})
+        bar.close()
+        index = {"metadata": {"total_size": sum(_group_bytes(g) for g in groups)}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_file(tmp / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+        if path.exists():
+            _carry_over(path, tmp)
+        _fsync_dir(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _plan(model, fp8, dtype) -> list[dict]:
+    """One group per HF weight (fp8: weight + its scale, kept in the same shard)."""
+    tensors = {n: p for n, p in model.named_parameters()}
+    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+    groups = []
+    for hf, name, expert in hf_tensor_names(tensors, model.config.n_routed_experts):
+        source = tensors[name] if expert is None else tensors[name][expert]
+        if fp8 and is_fp8_quantized(hf):
+            shape = tuple(source.shape)
+            entries = [(hf, "F8_E4M3", shape), (scale_name(hf), "F32", scale_shape(shape))]
+        else:
+            out = torch.float32 if name.endswith("e_score_correction_bias") else (dtype or source.dtype)
+            entries = [(hf, DTYPE_NAMES[out], tuple(source.shape))]
+        groups.append({"tensors": entries, "source": source})
+    return groups
+
+
+def _group_bytes(group) -> int:
+    return sum(math.prod(shape) * DTYPES[dt].itemsize for _, dt, shape in group["tensors"])
+
+
+def _split(groups, max_shard_bytes) -> list[list[dict]]:
+    shards, size = [[]], 0
+    for g in groups:
+        n = _group_bytes(g)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(g)
+        size += n
+    return shards
+
+
+def _produce(group) -> list[torch.Tensor]:
+    (hf, dtype, shape), *rest = group["tensors"]
+    w = group["source"].detach()
+    if dtype == "F8_E4M3":
+        return list(quantize_fp8(w))
+    return [w.to("cpu", DTYPES[dtype])]
+
+
+def _write_shard(path: Path, groups, bar):
+    entries = [t for g in groups for t in g["tensors"]]
+    with open(path, "wb") as f:
+        f.write(encode_header(entries))
+        for g in groups:
+            for (name, dtype, shape), t in zip(g["tensors"], _produce(g)):
+                assert DTYPE_NAMES[t.dtype] == dtype and tuple(t.shape) == shape, name
+                f.write(tensor_bytes(t))
+            bar.update(_group_bytes(g))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_file(path: Path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name in (CONFIG, INDEX) or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _carry_over(old: Path, new: Path):
+    for entry in old.iterdir():
+        if not _is_checkpoint_file(entry.name):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, new / entry.name)
+
+
+def _swap_in(tmp: Path, path: Path):
+    """Rename the finished directory to `path`; an old one is moved aside first, then removed."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.rename(path, old / path.name)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,125 @@
+"""Cached, deterministically trained minis for the notebooks that need trained weights.
+
+`pretrained_mini(name)` trains a named CPU mini on the real corpora the first time it is called (a few
+minutes on 2 cores), saves it in Kimi-K2's fp8 checkpoint format under `data/minis/`, and returns the
+checkpoint's path thereafter. The cache key covers the recipe, so changing a recipe retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import K2Config
+
+# name -> how to make it. Mixed prose + code so that domain specialization has something to show.
+RECIPES: dict[str, dict] = {
+    "k2-mini": dict(
+        preset="k2-mini",
+        corpora={"shakespeare": None, "python-stdlib": 2_000_000},  # bytes per corpus (None: all)
+        steps=240,
+        batch_size=8,
+        seq_len=128,
+        lr=3e-3,
+        optimizer="adamw",
+        balancing="loss_free",
+        bias_update_speed=1e-3,
+        warmup_steps=20,
+        schedule="cosine",
+        seed=0,
+    ),
+    "k2-micro": dict(
+        preset="k2-micro",
+        corpora={"shakespeare": 1_000_000, "python-stdlib": 500_000},
+        steps=60,
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        optimizer="adamw",
+        balancing="loss_free",
+        bias_update_speed=1e-3,
+        warmup_steps=5,
+        schedule="cosine",
+        seed=0,
+    ),
+}
+
+
+def _key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def mini_path(name: str = "k2-mini", root: str | os.PathLike | None = None) -> Path:
+    """Where the cached checkpoint of mini `name` lives (whether or not it exists yet)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown mini {name!r}; choose from {sorted(RECIPES)}")
+    from .data import default_data_root
+
+    root = Path(root) if root is not None else Path(default_data_root())
+    return root / "minis" / f"{name}-{_key(RECIPES[name])}"
+
+
+def pretrained_mini(
+    name: str = "k2-mini", root: str | os.PathLike | None = None, progress: bool = True, retrain: bool = False
+) -> Path:
+    """Path to the fp8 checkpoint of mini `name`, training and caching it first if needed.
+
+    Load it with `k2mini.load_pretrained(path)`; `path / "training.json"` records the recipe, the
+    history summary and the machine it was trained on.
+    """
+    path = mini_path(name, root)
+    if (path / "training.json").exists() and not retrain:
+        return path
+    recipe = RECIPES[name]
+    from .checkpoint import save_pretrained
+    from .data import load_corpus, make_dataset
+    from .model import K2ForCausalLM
+    from .train import train
+
+    corpora = [load_corpus(c, max_bytes=n) for c, n in recipe["corpora"].items()]
+    data = make_dataset(corpora, seed=recipe["seed"])
+    torch.manual_seed(recipe["seed"])
+    model = K2ForCausalLM(K2Config.preset(recipe["preset"]))
+    if recipe["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    else:
+        from .optim import build_optimizer
+
+        optimizer = build_optimizer(model, recipe["optimizer"], lr=recipe["lr"])
+    history = train(
+        model, data, optimizer, recipe["steps"], batch_size=recipe["batch_size"], seq_len=recipe["seq_len"],
+        seed=recipe["seed"], balancing=recipe["balancing"], bias_update_speed=recipe["bias_update_speed"],
+        warmup_steps=recipe["warmup_steps"], schedule=recipe["schedule"], eval_every=recipe["steps"],
+        log_every=10, progress=progress, on_nonfinite="raise",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.training-", dir=path.parent))
+    try:
+        save_pretrained(model.eval(), tmp / "checkpoint", fp8=True, progress=False)
+        final = history.iloc[-1]
+        record = {
+            "name": name,
+            "recipe": recipe,
+            "final_train_loss": float(final["train_loss"]),
+            "final_val_loss": float(final["val_loss"]),
+            "wall_time_s": float(final["wall_time"]),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        }
+        staged = tmp / "checkpoint"
+        (staged / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staged, path)  # training.json inside marks it complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

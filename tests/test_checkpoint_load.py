@@ -1,0 +1,99 @@
+"""Loading K2-format fp8 checkpoints (several shards, partial 128x128 blocks, an MTP layer and rotary
+caches to ignore) from a directory: the logits equal transformers' on the dequantized weights."""
+
+import pytest
+import torch
+
+import k2mini
+from checkpoint_factory import fp8_checkpoint
+from k2mini.checkpoint import CheckpointReader
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return fp8_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def reference_logits(ckpt):
+    """transformers' DeepseekV3 on a float32 copy of the dequantized weights (transformers itself loads
+    fp8 checkpoints only through its GPU quantizer: on CPU it asks for accelerate and then dequantizes to
+    bfloat16, too coarse to compare logits at 1e-4)."""
+    _, config, _, dequantized = ckpt
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dequantized).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return ids, hf(ids).logits
+
+
+def test_fp8_checkpoint_logits_equal_transformers(ckpt, reference_logits):
+    path, *_ = ckpt
+    ids, ref = reference_logits
+    model = k2mini.load_pretrained(path, progress=False)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert ref.abs().max() > 1.0
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_reader_serves_every_tensor_dequantized(ckpt):
+    path, config, served, _ = ckpt
+    with CheckpointReader(path) as reader:
+        assert reader.is_fp8("model.layers.1.mlp.experts.2.down_proj.weight")
+        assert not reader.is_fp8("model.layers.1.mlp.gate.weight")  # the router stays unquantized
+        for name, want in served.items():
+            assert torch.equal(reader.get(name), want), name
+        assert len(reader.shards()) > 5
+
+
+def test_row_slices_and_experts(ckpt):
+    path, config, served, _ = ckpt
+    with CheckpointReader(path) as reader:
+        for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.q_a_proj.weight"):
+            assert reader.shape(name)[0] > 128  # slices crossing the first block row boundary
+            for rows in (slice(0, 1), slice(100, 150), slice(128, None), slice(-3, None)):
+                assert torch.equal(reader.get(name, rows=rows), served[name][rows]), (name, rows)
+        expert = reader.get_expert(2, 4)
+        for proj, t in expert.items():
+            assert torch.equal(t, served[f"model.layers.2.mlp.experts.4.{proj}.weight"])
+        with pytest.raises(ValueError, match="contiguous"):
+            reader.get(name, rows=slice(0, 10, 2))
+
+
+def test_dtype_conversion_and_out(ckpt):
+    path, config, served, _ = ckpt
+    name = "model.layers.2.mlp.shared_experts.down_proj.weight"
+    with CheckpointReader(path) as reader:
+        assert torch.equal(reader.get(name, torch.bfloat16), served[name].to(torch.bfloat16))
+        out = torch.empty(served[name].shape, dtype=torch.float64)
+        assert reader.get(name, out=out) is out
+        assert torch.allclose(out, served[name].double(), rtol=2**-23, atol=0)
+        raw = reader.read_raw(name)
+        assert raw.dtype == torch.float8_e4m3fn and raw.shape == served[name].shape
+
+
+def test_bfloat16_load_keeps_correction_bias_float32(ckpt):
+    path, config, served, _ = ckpt
+    model = k2mini.load_pretrained(path, dtype=torch.bfloat16, progress=False)
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32
+    assert torch.equal(bias, served["model.layers.1.mlp.gate.e_score_correction_bias"])
+    w = model.model.layers[1].mlp.experts.up_proj  # (E, I, H), stacked from per-expert tensors
+    for e in range(config.n_routed_experts):
+        assert torch.equal(w[e], served[f"model.layers.1.mlp.experts.{e}.up_proj.weight"].to(torch.bfloat16))
+
+
+def test_iteration_goes_shard_by_shard(ckpt):
+    path, *_ = ckpt
+    with CheckpointReader(path) as reader:
+        keys = reader.keys()
+        assert "model.layers.3.eh_proj.weight" in keys  # the MTP layer is there, and ignored on load
+        assert not any(k.endswith("_scale_inv") for k in keys)
+        names = [n for n, _ in reader.iter_tensors(dtype=torch.float32)]
+        assert sorted(names) == sorted(keys)
+        shards = [reader.shard_of(n) for n in names]
+        assert shards == sorted(shards)  # each shard visited once, in order
+        starts = [reader.info(n).start for n in names]
+        assert all(a < b for a, b, s, t in zip(starts, starts[1:], shards, shards[1:]) if s == t)
