@@ -34,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -48,6 +49,12 @@ __all__ = [
     "machine_description",
     "write_record",
     "read_record",
+    "thin_history",
+    "best_runs",
+    "optimizer_group",
+    "tokens_to_reach",
+    "format_summary",
+    "significant",
     "default_cache_dir",
     "CLIP_COLUMNS",
 ]
@@ -404,15 +411,20 @@ def _dataset(corpus: str):
 # Running
 
 
-class _ClipWatch:
-    """train() callback for MuonClip: after a step that clipped, the max logit on that step's batch."""
+class _Watch:
+    """train() callback: keeps the rows (so a run stopped by an exception still has its history) and,
+    for MuonClip, after a step that clipped, measures the max logit on that step's batch again."""
 
     def __init__(self, model, optimizer, data, spec: RunSpec):
         self.model, self.optimizer, self.data, self.spec = model, optimizer, data, spec
+        self.rows: list[dict] = []
 
     @torch.no_grad()
     def __call__(self, step, row):
         if row is None or row.get("step") != step:
+            return
+        self.rows.append(row)
+        if self.spec.optimizer != "muonclip":
             return
         gamma = getattr(self.optimizer, "last_gamma", None)
         if gamma is None or not bool((gamma < 1).any()):
@@ -427,21 +439,31 @@ class _ClipWatch:
 def run_one(spec: RunSpec, data=None, *, progress: bool = False) -> RunResult:
     """Train one run as `spec` says (no cache); `data` is a TokenDataset or PreparedBatches."""
     from .model import K2ForCausalLM
-    from .optim import build_optimizer
+    from .optim import NonFiniteGradientError, build_optimizer
     from .train import train
 
     data = data if data is not None else PreparedBatches(_dataset(spec.corpus), spec.batch_size, spec.seq_len, spec.data_seed)
     torch.manual_seed(spec.seed)
     model = K2ForCausalLM(spec.model_config())
     opt = build_optimizer(model, spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, tau=spec.tau)
-    callback = _ClipWatch(model, opt, data, spec) if spec.optimizer == "muonclip" else None
+    watch = _Watch(model, opt, data, spec)
     settings = dict(batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.data_seed,
                     eval_every=spec.eval_every, eval_batches=spec.eval_batches)
     settings.update(spec.train_settings)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a diverged run is a result here, not a surprise
-        history = train(model, data, opt, spec.steps, progress=progress, callback=callback, **settings)
+        try:
+            history = train(model, data, opt, spec.steps, progress=progress, callback=watch, **settings)
+        except (NonFiniteGradientError, ValueError) as e:
+            # the loss was still finite but a gradient (or a max logit, for QK-Clip) was not: diverged
+            if isinstance(e, ValueError) and "inf or nan" not in str(e):
+                raise
+            import pandas as pd
+
+            history = pd.DataFrame(watch.rows)
+            step = len(watch.rows)
+            history.attrs.update(stop_reason=f"non-finite gradient or logit at step {step}", diverged=True)
     wall = time.perf_counter() - t0
     for col in CLIP_COLUMNS:
         if spec.optimizer == "muonclip" and col not in history:
@@ -514,6 +536,7 @@ def summarize(results: Sequence[RunResult], tail: int = 20):
         finite = h[h["train_loss"].map(lambda v: math.isfinite(v))] if len(h) else h
         row = {
             "run": r.name,
+            "group": optimizer_group(s),
             "optimizer": s.optimizer,
             "lr": s.lr,
             "tau": s.tau if s.optimizer == "muonclip" else float("nan"),
@@ -539,18 +562,28 @@ def summarize(results: Sequence[RunResult], tail: int = 20):
     return pd.DataFrame(rows)
 
 
-def thin_history(history, max_points: int = 200, columns: Sequence[str] | None = None):
-    """Every k-th row (plus every evaluation row and the last one) of the chosen columns."""
+def thin_history(history, max_points: int = 250, columns: Sequence[str] | None = None):
+    """At most `max_points` rows: consecutive chunks of k steps, each summarized by its last step, the
+    max of the max-logit columns (so no spike is lost), the mean of the other per-step figures and the
+    last value of val_loss, tokens, lr and the running clip share."""
     cols = [c for c in (columns or history.columns) if c in history.columns]
     n = len(history)
-    if n == 0:
-        return history[cols]
     k = max(1, math.ceil(n / max_points))
-    keep = (history.index.to_series().reset_index(drop=True) % k == 0).to_numpy()
-    keep[-1] = True
-    if "val_loss" in history:
-        keep |= history["val_loss"].notna().to_numpy()
-    return history.loc[keep, cols].reset_index(drop=True)
+    if k == 1:
+        return history[cols].reset_index(drop=True)
+    chunk = np.arange(n) // k
+    last = ("step", "tokens", "lr", "qk_clip/frac_heads_ever_clipped", "wall_time")
+    agg = {}
+    for c in cols:
+        if c == "val_loss":
+            agg[c] = "last"  # groupby's last skips NaN: the chunk's latest evaluation
+        elif c in last:
+            agg[c] = "last"
+        elif "max_logit" in c:
+            agg[c] = "max"
+        else:
+            agg[c] = "mean"
+    return history[cols].groupby(chunk).agg(agg).reset_index(drop=True)
 
 
 RECORD_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "max_logit", "qk_clip/heads_clipped",
@@ -558,7 +591,7 @@ RECORD_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "max_logit",
 
 
 def write_record(path: str | os.PathLike, results: Sequence[RunResult], *, command: str | None = None,
-                 note: str = "", max_points: int = 200) -> Path:
+                 note: str = "", max_points: int = 250) -> Path:
     """A small committed record of a sweep: the command and machine, each run's spec, summary and a
     thinned history (the columns the notebooks plot). Written atomically."""
     command = command if command is not None else " ".join([Path(sys.executable).name] + sys.argv)
@@ -581,6 +614,83 @@ def read_record(path: str | os.PathLike) -> tuple[dict, list[RunResult]]:
     """(metadata, runs) of a record written by `write_record`; histories are the thinned ones."""
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
+    import pandas as pd
+
     runs = [RunResult.from_json(d, from_cache=True) for d in record["runs"]]
     meta = {k: v for k, v in record.items() if k != "runs"}
+    # the summaries were computed from the full histories; the stored histories are thinned
+    meta["summary"] = pd.DataFrame([{k: (float("nan") if v is None else v) for k, v in d["summary"].items()}
+                                    for d in record["runs"]])
     return meta, runs
+
+
+def optimizer_group(spec) -> str:
+    """'adamw', 'muon' or 'muonclip tau=30': what runs are grouped, compared and coloured by."""
+    if spec.optimizer == "muonclip":
+        return f"muonclip tau={spec.tau:g}"
+    return spec.optimizer
+
+
+def best_runs(results: Sequence[RunResult]) -> list[RunResult]:
+    """Per optimizer group (in order of appearance), the finished run with the lowest final val loss."""
+    best: dict[str, RunResult] = {}
+    for r in results:
+        loss = r.final_val_loss()
+        if r.diverged or not math.isfinite(loss):
+            continue
+        g = optimizer_group(r.spec)
+        if g not in best or loss < best[g].final_val_loss():
+            best[g] = r
+    order = list(dict.fromkeys(optimizer_group(r.spec) for r in results))
+    return [best[g] for g in order if g in best]
+
+
+def tokens_to_reach(result: RunResult, loss: float) -> float:
+    """Training tokens after which the run's validation loss first reaches `loss` (linear interpolation
+    between evaluations; the first evaluation counts as reached if it is already below); NaN if never."""
+    v = result.history[["tokens", "val_loss"]].dropna()
+    if not len(v):
+        return float("nan")
+    tok, val = v["tokens"].to_numpy(dtype=float), v["val_loss"].to_numpy(dtype=float)
+    if val[0] <= loss:
+        return float(tok[0])
+    for i in range(1, len(val)):
+        if val[i] <= loss:
+            t = (val[i - 1] - loss) / (val[i - 1] - val[i])
+            return float(tok[i - 1] + t * (tok[i] - tok[i - 1]))
+    return float("nan")
+
+
+def significant(x: float, digits: int = 2) -> str:
+    """x rounded to `digits` significant digits, as a plain decimal string ("-" for NaN or None)."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x == 0:
+        return "0"
+    rounded = round(x, -int(math.floor(math.log10(abs(x)))) + digits - 1)
+    return f"{rounded:.{max(0, digits - 1 - int(math.floor(math.log10(abs(rounded)))))}f}"
+
+
+def format_summary(table, *, logit_digits: int = 2, loss_decimals: int = 2, columns: Sequence[str] | None = None):
+    """`summarize(...)` rounded to what reproduces across machines: logits to `logit_digits` significant
+    digits, losses to `loss_decimals` decimals, shares to 2 decimals; returns a DataFrame of strings."""
+    import pandas as pd
+
+    cols = list(columns or [c for c in ("group", "lr", "peak_max_logit", "final_max_logit", "final_val_loss",
+                                        "diverged", "frac_heads_ever_clipped", "last_clip_step") if c in table])
+    out = pd.DataFrame(index=table.index)
+    for c in cols:
+        col = table[c]
+        if "max_logit" in c:
+            out[c] = [significant(float(v), logit_digits) for v in col]
+        elif "loss" in c:
+            out[c] = ["-" if not math.isfinite(float(v)) else f"{float(v):.{loss_decimals}f}" for v in col]
+        elif c.startswith("frac") or c.startswith("share"):
+            out[c] = ["-" if not math.isfinite(float(v)) else f"{float(v):.2f}" for v in col]
+        elif c == "lr":
+            out[c] = [f"{float(v):g}" for v in col]
+        elif c == "last_clip_step":
+            out[c] = ["-" if not math.isfinite(float(v)) else ("never" if v < 0 else str(int(v))) for v in col]
+        else:
+            out[c] = col.astype(str) if col.dtype == bool else col
+    return out.reset_index(drop=True)

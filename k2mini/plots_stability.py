@@ -15,8 +15,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import colors as mcolors
 
+from .experiments import optimizer_group
+
 __all__ = [
-    "optimizer_group",
     "group_color",
     "run_color",
     "plot_max_logits",
@@ -28,13 +29,6 @@ __all__ = [
 
 _BASE = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green"}
 _CLIP_EXTRA = ["tab:olive", "tab:cyan", "tab:purple", "tab:brown"]
-
-
-def optimizer_group(spec) -> str:
-    """'adamw', 'muon' or 'muonclip tau=30': the name runs are grouped and coloured by."""
-    if spec.optimizer == "muonclip":
-        return f"muonclip tau={spec.tau:g}"
-    return spec.optimizer
 
 
 def _groups(results) -> list[str]:
@@ -115,10 +109,8 @@ def plot_max_logits(results, *, axes=None, logy: bool = True, ncols: int | None 
 
 def plot_losses(results, *, axes=None, smooth: int = 10, ylim=None):
     """Training loss (rolling mean over `smooth` steps) and validation loss over steps, per run."""
-    fig, (ax_tr, ax_val) = _axes(axes, 2)[0], _axes(axes, 2)[1][:2] if axes is not None else (None, None)
-    if axes is None:
-        fig, axs = _axes(None, 2)
-        ax_tr, ax_val = axs[:2]
+    fig, axs = _axes(axes, 2)
+    ax_tr, ax_val = axs[:2]
     for r in results:
         h = _finite(r.history, "train_loss")
         c, name = run_color(r, results), f"{optimizer_group(r.spec)}, lr {r.spec.lr:g}"
@@ -142,11 +134,11 @@ def plot_lr_sensitivity(summary, *, ax=None, metric: str = "final_val_loss", div
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.2, 3.6), layout="constrained")
     fig = ax.figure
-    groups = list(dict.fromkeys(_summary_group(row) for _, row in summary.iterrows()))
+    groups = list(dict.fromkeys(summary["group"]))
     ok = summary[~summary["diverged"].astype(bool)]
     top = diverged_at if diverged_at is not None else (float(np.nanmax(ok[metric])) + 0.1 if len(ok) else 1.0)
     for group in groups:
-        rows = summary[[ _summary_group(r) == group for _, r in summary.iterrows()]].sort_values("lr")
+        rows = summary[summary["group"] == group].sort_values("lr")
         color = group_color(group, groups)
         good = rows[~rows["diverged"].astype(bool)]
         ax.plot(good["lr"], good[metric], "o-", color=color, label=group)
@@ -162,18 +154,13 @@ def plot_lr_sensitivity(summary, *, ax=None, metric: str = "final_val_loss", div
     return fig
 
 
-def _summary_group(row) -> str:
-    if row["optimizer"] == "muonclip":
-        return f"muonclip tau={row['tau']:g}"
-    return str(row["optimizer"])
-
-
 def plot_clip_share(results, *, ax=None, smooth: int = 10):
     """Share of heads QK-Clip rescaled at each step (rolling mean over `smooth` steps, solid) and the
     share clipped at least once so far (dashed), per MuonClip run."""
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.2, 3.6), layout="constrained")
-    clip_runs = [r for r in results if r.spec.optimizer == "muonclip"]
+    clip_runs = [r for r in results if r.spec.optimizer == "muonclip" and "qk_clip/heads_clipped" in r.history
+                 and (r.history["qk_clip/heads_clipped"] > 0).any()]  # runs that never clipped: a flat 0
     for r in clip_runs:
         h = r.history
         if "qk_clip/heads_clipped" not in h:
@@ -187,11 +174,11 @@ def plot_clip_share(results, *, ax=None, smooth: int = 10):
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("step")
     ax.set_ylabel("share of heads")
-    ax.set_title(f"heads clipped (solid: per step, mean of {smooth}; dashed: ever)")
+    ax.set_title(f"heads clipped (solid: per step, mean of {smooth}; dashed: ever)", fontsize=10)
     ax.grid(alpha=0.3)
     if clip_runs:
         ax.legend(fontsize=7)
-    return fig
+    return ax.figure
 
 
 def plot_loss_at_tokens(results, *, ax=None, logx: bool = False):

@@ -21,6 +21,7 @@ RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else keep-alive responses stall on delayed ACKs (~40 ms each)
     server: "RangeServer"
 
     def log_message(self, *args):  # quiet
@@ -72,10 +73,10 @@ class _Handler(BaseHTTPRequestHandler):
         with open(path, "rb") as f:
             f.seek(start)
             data = f.read(end - start)
-        self.wfile.write(data)
-        with srv.lock:
+        with srv.lock:  # counted before sending: a client that has the bytes sees them counted
             srv.bytes_served += len(data)
             srv.bytes_by_path[name] = srv.bytes_by_path.get(name, 0) + len(data)
+        self.wfile.write(data)
 
     def _status(self, code: int, size: int | None = None):
         self.send_response(code)

@@ -78,29 +78,36 @@ def dequantize_fp8(
         return _dequantize_plain(weight, scale_inv, block, row_start, out)
     if weight.dtype not in (torch.float8_e4m3fn, torch.uint8, torch.int8):
         raise ValueError(f"dequantize_fp8: expected float8_e4m3fn bytes, got {weight.dtype}")
+    if rows == 0 or cols == 0:
+        return out
     codes = weight.view(torch.int8)  # sign-extends into int16 below
     scales = scale_inv.to(torch.float32) * 256.0  # float16_bits(w) * 256 == float(w), exactly
     full = (cols // bi) * bi
     chunk_rows = max(1, min(bo, CHUNK_ELEMENTS // max(cols, 1)))
     bits = torch.empty(chunk_rows, cols, dtype=torch.int16)
-    nan_check = torch.empty(chunk_rows, cols, dtype=torch.int8)
+    low7 = torch.empty(chunk_rows, cols, dtype=torch.int8)
+    # the product is formed in float32 (as the reference W = float(w) * s), then rounded once to dtype
+    work = None if out.dtype == torch.float32 else torch.empty(chunk_rows, cols, dtype=torch.float32)
     r = 0
     while r < rows:
         b = (row_start + r) // bo  # scale row of this chunk; chunks never straddle two block rows
         n = min(rows - r, chunk_rows, (b + 1) * bo - (row_start + r))
         h, dst, src = bits[:n], out[r : r + n], codes[r : r + n]
-        h.copy_(src)  # int8 -> int16: sign in bits 8..15, eeee mmm in bits 0..6
+        w = dst if work is None else work[:n]
+        h.copy_(src)  # int8 -> int16: sign in bits 7..15, eeee mmm in bits 0..6
         h.bitwise_left_shift_(7)  # eeee mmm into bits 7..13, sign into 14 and 15
         h.bitwise_and_(-16385)  # clear bit 14 (0xBFFF): now a float16 `s 0eeee mmm0000000`
-        dst.copy_(h.view(torch.float16))
+        w.copy_(h.view(torch.float16))  # = w / 256
+        nan = torch.bitwise_and(src, 0x7F, out=low7[:n])  # e4m3's NaN is s1111111: 1.875 in float16
+        if int(nan.max()) == 0x7F:
+            w.masked_fill_(nan == 0x7F, float("nan"))
         s = scales[b]
         if full:
-            dst[:, :full].unflatten(1, (full // bi, bi)).mul_(s[: full // bi, None])
+            w[:, :full].unflatten(1, (full // bi, bi)).mul_(s[: full // bi, None])
         if full < cols:
-            dst[:, full:].mul_(s[-1])
-        torch.bitwise_and(src, 0x7F, out=nan_check[:n])  # e4m3 NaN is s1111111, float16 would say 1.875
-        if int(nan_check[:n].max()) == 0x7F:
-            dst.masked_fill_(nan_check[:n] == 0x7F, float("nan"))
+            w[:, full:].mul_(s[-1])
+        if work is not None:
+            dst.copy_(w)
         r += n
     return out
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .fp8 import BLOCK, dequantize_fp8, scale_shape
-from .names import expert_hf_name, is_scale, scale_name
+from .names import SCALE_SUFFIX, expert_hf_name, is_scale, scale_name
 from .safetensors_format import FLOAT_DTYPES, FP8_DTYPES, CheckpointError, TensorInfo, decode, read_header
 from .sources import open_source
 
@@ -42,14 +42,18 @@ class CheckpointReader:
         self._headers: dict[str, dict[str, TensorInfo]] = {}
         self._open: dict = {}
         self._scratch = bytearray(0)
-        self.config = self._read_json(CONFIG)
-        self.block = _block_size(self.config, self.files.url(CONFIG))
-        self.weight_map = self._read_weight_map()
+        try:
+            self.config = self._read_json(CONFIG)
+            self.block = _block_size(self.config, self.files.url(CONFIG))
+            self.weight_map = self._read_weight_map()
+        except BaseException:
+            self.close()
+            raise
 
     # ----------------------------------------------------------------- what is there
     def keys(self) -> list[str]:
         """Tensor names, without the `_scale_inv` companions of fp8 weights (they are part of them)."""
-        return [k for k in self.weight_map if not (is_scale(k) and k[: -len("_scale_inv")] in self.weight_map)]
+        return [k for k in self.weight_map if not (is_scale(k) and k[: -len(SCALE_SUFFIX)] in self.weight_map)]
 
     def stored_keys(self) -> list[str]:
         return list(self.weight_map)
@@ -191,6 +195,7 @@ class CheckpointReader:
             self._closed_bytes += f.bytes_read
             f.close()
         self._open.clear()
+        self._scratch = bytearray(0)
 
     def __enter__(self):
         return self

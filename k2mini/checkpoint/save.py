@@ -61,6 +61,7 @@ def save_pretrained(
     try:
         config = model.config.to_hf()
         config.pop("quantization_config", None)
+        config["dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
         if fp8:
             config["quantization_config"] = dict(K2_QUANTIZATION_CONFIG)
         _write_file(tmp / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -154,15 +155,22 @@ def _carry_over(old: Path, new: Path):
 
 
 def _swap_in(tmp: Path, path: Path):
-    """Rename the finished directory to `path`; an old one is moved aside first, then removed."""
-    old = None
+    """Rename the finished directory to `path`; an old one is moved aside first (and back, should the
+    rename fail), then removed."""
+    aside = None
     if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.rename(path, old / path.name)
-    os.rename(tmp, path)
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.rename(path, aside / path.name)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside / path.name, path)
+            aside.rmdir()
+        raise
     _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fsync_dir(path: Path):

@@ -77,6 +77,8 @@ class MuonAdamW(Muon):
     pass the model's telemetry whatever the kind: here it is only recorded (``max_logit/...`` metrics).
     """
 
+    _PICKLED_ATTRS = Muon._PICKLED_ATTRS + ("_kind_defaults",)
+
     def __init__(
         self,
         param_groups: Iterable[dict[str, Any]],
@@ -112,8 +114,6 @@ class MuonAdamW(Muon):
             )
         self._fill_group_defaults(param_group)
         super().add_param_group(param_group)
-
-    _PICKLED_ATTRS = Muon._PICKLED_ATTRS + ("_kind_defaults",)
 
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
         if "use_muon" in group:

@@ -28,7 +28,11 @@ NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 
 def default_ns_dtype(device: torch.device | str) -> torch.dtype:
-    """bfloat16 where matmuls are fast in it (CUDA), float32 elsewhere (a CPU bf16 matmul is ~100x slower)."""
+    """bfloat16 on CUDA (fast there, and what K2 / torch.optim.Muon use), float32 elsewhere.
+
+    On CPUs without native bf16 a bf16 matmul is many times slower than float32; float32 also keeps
+    CPU runs (tests, notebooks) close to exact arithmetic.
+    """
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 

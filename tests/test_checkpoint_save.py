@@ -1,0 +1,173 @@
+"""save_pretrained: checkpoints transformers loads (same logits), fp8 export K2's way (same tensors
+quantized, error within the fp8 rounding bound), and saves that are atomic."""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import k2mini
+from checkpoint_factory import PARTIAL_BLOCKS, k2_quantizes, reference_dequantize, reference_quantize
+from k2mini.checkpoint import CheckpointReader, load_pretrained, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_model(seed=0):
+    """A k2mini model with weights large enough that routing and attention are far from uniform."""
+    model = k2mini.K2ForCausalLM(k2mini.K2Config(**PARTIAL_BLOCKS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else torch.randn(p.shape, generator=g) * 0.15)
+        for layer in model.moe_layers():
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(PARTIAL_BLOCKS["n_routed_experts"], generator=g) * 0.05)
+    return model.eval()
+
+
+IDS = torch.randint(0, PARTIAL_BLOCKS["vocab_size"], (2, 19), generator=torch.Generator().manual_seed(9))
+
+
+def logits(model):
+    with torch.no_grad():
+        out = model(IDS)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    return save_pretrained(model, tmp_path_factory.mktemp("save") / "ckpt", max_shard_bytes=150_000, progress=False)
+
+
+@pytest.fixture(scope="module")
+def saved_fp8(model, tmp_path_factory):
+    return save_pretrained(model, tmp_path_factory.mktemp("save") / "fp8", fp8=True, max_shard_bytes=150_000, progress=False)
+
+
+def test_transformers_loads_the_saved_checkpoint(model, saved):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(saved).eval()
+    ref = logits(model)
+    assert ref.abs().max() > 1.0
+    assert (logits(hf) - ref).abs().max().item() <= 1e-4
+
+
+def test_layout_shards_and_index(model, saved):
+    files = sorted(os.listdir(saved))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    n = len(shards)
+    assert n > 3 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert files == sorted(["config.json", "model.safetensors.index.json", *shards])
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    assert "model.layers.1.mlp.experts.5.down_proj.weight" in index["weight_map"]  # HF's per-expert names
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.parameters()) + 4 * 6 * 2
+    for shard in shards:  # the safetensors library reads every shard, metadata included
+        with safe_open(saved / shard, "pt") as f:
+            assert f.metadata() == {"format": "pt"} and len(f.keys()) > 0
+    assert "quantization_config" not in json.loads((saved / "config.json").read_text())
+
+
+def test_round_trip_is_exact(model, saved):
+    back = load_pretrained(saved, progress=False)
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_fp8_export_quantizes_what_k2_quantizes(model, saved_fp8):
+    config = json.loads((saved_fp8 / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+    }
+    with CheckpointReader(saved_fp8) as reader:
+        fp8 = {k for k in reader.keys() if reader.dtype(k) == torch.float8_e4m3fn}
+        assert fp8 == {k for k in reader.keys() if k2_quantizes(k)}
+        assert "model.layers.1.mlp.gate.weight" not in fp8 and "lm_head.weight" not in fp8
+        assert len(fp8) == 3 + 5 * 3 + 3 * 2 + 3 * 6 * 2  # dense FFN, attention, shared experts, routed experts
+        for name in fp8:  # the bytes and scales of an independent quantizer, read by safetensors itself
+            with safe_open(saved_fp8 / reader.shard_of(name), "pt") as f:
+                q, s = f.get_tensor(name), f.get_tensor(name + "_scale_inv")
+            q_ref, s_ref = reference_quantize(_original(model, name))
+            assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), name
+            assert torch.equal(reader.get(name), reference_dequantize(q, s)), name
+
+
+def _original(model, hf_name):
+    m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$", hf_name)
+    if m:
+        return getattr(model.model.layers[int(m.group(1))].mlp.experts, m.group(3)).detach()[int(m.group(2))]
+    return model.state_dict()[hf_name]
+
+
+def test_fp8_round_trip_error_is_fp8_rounding(model, saved_fp8, tmp_path):
+    back = load_pretrained(saved_fp8, progress=False)
+    worst = 0.0
+    for name, a in model.state_dict().items():
+        b = back.state_dict()[name]
+        stacked_experts = name.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj"))
+        if not stacked_experts and not k2_quantizes(name):
+            assert torch.equal(a, b), name  # router, norms, embeddings, lm_head, bias: untouched
+            continue
+        # per element |W_hat - W| <= |W| / 17 (normal range) or 2^-10 s (subnormal), s <= amax / 448
+        err = (a - b).abs()
+        s_max = a.abs().max() / 448
+        assert (err <= torch.maximum(a.abs() / 17, s_max * 2**-10) * (1 + 2**-20)).all(), name
+        normal = a.abs() > s_max * 2**-6
+        worst = max(worst, (err[normal] / a.abs()[normal]).max().item())
+    assert 0.055 < worst <= (1 + 2**-20) / 17  # measured: 0.0588, i.e. the 1/17 bound is reached
+    # logits of the fp8 round trip equal transformers' on a dequantized copy
+    copy = save_pretrained(back, tmp_path / "dequantized", progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(copy).eval()
+    assert (logits(hf) - logits(back)).abs().max().item() <= 1e-4
+    assert (logits(back) - logits(model)).abs().max().item() > 1e-3  # fp8 did change something
+
+
+def test_bfloat16_export(model, tmp_path):
+    path = save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16, progress=False)
+    with CheckpointReader(path) as reader:
+        assert reader.dtype("model.layers.1.mlp.experts.0.up_proj.weight") == torch.bfloat16
+        assert reader.dtype("model.layers.1.mlp.gate.e_score_correction_bias") == torch.float32
+
+
+def test_interrupted_save_leaves_no_checkpoint(model, saved, tmp_path, monkeypatch):
+    import k2mini.checkpoint.save as save_module
+
+    calls = {"n": 0}
+    real = save_module.quantize_fp8
+
+    def failing(w):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise KeyboardInterrupt("power cut")
+        return real(w)
+
+    monkeypatch.setattr(save_module, "quantize_fp8", failing)
+    target = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, target, fp8=True, max_shard_bytes=50_000, progress=False)
+    assert os.listdir(tmp_path) == []  # no checkpoint, no temporary directory
+
+    # over an existing checkpoint: the old one stays complete and loadable
+    shutil.copytree(saved, target)
+    (target / "tokenizer.json").write_text("{}")
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, target, fp8=True, max_shard_bytes=50_000, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["new"]
+    assert sorted(os.listdir(target)) == sorted(os.listdir(saved) + ["tokenizer.json"])
+    assert torch.equal(load_pretrained(target, progress=False).lm_head.weight, model.lm_head.weight)
+
+    # a completed save replaces it whole, carrying files that are not the checkpoint's over
+    monkeypatch.setattr(save_module, "quantize_fp8", real)
+    save_pretrained(model, target, fp8=True, max_shard_bytes=10**9, progress=False)
+    assert sorted(os.listdir(target)) == sorted(
+        ["config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+    )
+    assert sorted(os.listdir(tmp_path)) == ["new"]
