@@ -276,7 +276,7 @@ def train(
                 row.update({f"maxvio_l{layer.index}": float(v) for layer, v in zip(moe_layers, vio)})
                 row["load"] = loads.to(torch.int64).cpu()
             metrics = _optimizer_metrics(optimizer)
-            row["heads_clipped"] = metrics.pop("qk_clip/heads_clipped", 0.0)
+            row["heads_clipped"] = metrics.get("qk_clip/heads_clipped", 0.0)
             row.update({k: v for k, v in metrics.items() if not k.startswith("max_logit")})
             if evaluate_now:
                 row["val_loss"] = evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)  # same batches on every rank
