@@ -1,10 +1,19 @@
-"""k2mini: the Kimi K2 architecture (MLA, sigmoid-routed fine-grained MoE, MuonClip) in compact PyTorch."""
+"""k2mini: the Kimi K2 architecture (MLA, sigmoid-routed fine-grained MoE, MuonClip) in compact PyTorch.
+
+The names below are the public API. Subpackages load on first use: `k2mini.optim` (Muon, MuonClip,
+qk_clip_), `k2mini.analysis` (router summaries, streamed activations), `k2mini.plots` and
+`k2mini.plots_stability` (figures; need the [lab] extra for matplotlib).
+"""
+
+import importlib
 
 from .config import K2Config
 from .model import CausalLMOutput, K2ForCausalLM, KVCache, RouterRecord, Telemetry
-from .checkpoint import CheckpointError, load_pretrained
+from .checkpoint import CheckpointError, CheckpointReader, NetworkError, load_pretrained, save_pretrained
 from .pretrained import pretrained_mini
 from .data import ByteTokenizer, Corpus, TokenDataset, fetch_corpus, load_corpus, make_dataset
+from .train import NonFiniteLossError, TrainConfig
+from .train import train  # noqa: E402  (the function shadows the module name on purpose: `k2mini.train(...)`)
 
 __all__ = [
     "K2Config",
@@ -14,7 +23,10 @@ __all__ = [
     "RouterRecord",
     "Telemetry",
     "CheckpointError",
+    "CheckpointReader",
+    "NetworkError",
     "load_pretrained",
+    "save_pretrained",
     "ByteTokenizer",
     "Corpus",
     "TokenDataset",
@@ -22,4 +34,18 @@ __all__ = [
     "load_corpus",
     "make_dataset",
     "pretrained_mini",
+    "train",
+    "TrainConfig",
+    "NonFiniteLossError",
 ]
+
+_SUBMODULES = {
+    "optim", "analysis", "analyze", "attention_costs", "balance", "experiments", "plots", "plots_stability",
+    "routing_study", "checkpoint", "moe", "attention", "rope", "norm",
+}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'k2mini' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 `pretrained_mini(name)` trains a named CPU mini on the real corpora the first time it is called (a few
 minutes on 2 cores), saves it in Kimi-K2's fp8 checkpoint format under `data/minis/`, and returns the
-checkpoint's path thereafter. The cache key covers the recipe, so changing a recipe retrains.
+checkpoint's path thereafter. The cache key covers the recipe and CACHE_FORMAT, so changing a recipe,
+or how a checkpoint is written, retrains instead of serving stale files.
 """
 
 from __future__ import annotations
@@ -53,8 +54,14 @@ RECIPES: dict[str, dict] = {
 }
 
 
+# Bump when what save_pretrained writes changes (config.json fields, header layout): old caches then
+# stay untouched under their old names and the next call trains afresh.
+CACHE_FORMAT = 2
+
+
 def _key(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    keyed = {"recipe": recipe, "format": CACHE_FORMAT}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def mini_path(name: str = "k2-mini", root: str | os.PathLike | None = None) -> Path:

@@ -4,6 +4,8 @@ import pathlib
 import re
 import tomllib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -47,3 +49,17 @@ def test_torch_pin_agrees():
     pin = re.search(r"^torch==(\S+)$", constraints, re.M).group(1)
     assert f"torch=={pin}" in _env_pip()
     assert f"torch=={pin}" in (ROOT / "Makefile").read_text()
+
+
+def test_public_names_the_issues_promise():
+    import inspect
+
+    import k2mini
+
+    for name in ("K2Config", "K2ForCausalLM", "load_pretrained", "save_pretrained", "pretrained_mini", "train"):
+        assert callable(getattr(k2mini, name)), name
+    assert "optimizer" in inspect.signature(k2mini.train).parameters  # the function, not the module
+    assert callable(k2mini.optim.Muon) and callable(k2mini.optim.qk_clip_)
+    assert callable(k2mini.analysis.router_summary) and callable(k2mini.analysis.stream_activations)
+    with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
+        k2mini.nonesuch

@@ -41,6 +41,20 @@ def test_recipe_change_changes_the_cache_key(tiny_recipe, monkeypatch):
     assert pretrained.mini_path("tiny", tiny_recipe) != a
 
 
+def test_cache_format_change_changes_the_cache_key(tiny_recipe, monkeypatch):
+    a = pretrained.mini_path("tiny", tiny_recipe)
+    monkeypatch.setattr(pretrained, "CACHE_FORMAT", pretrained.CACHE_FORMAT + 1)
+    assert pretrained.mini_path("tiny", tiny_recipe) != a
+
+
+def test_cached_config_is_what_save_pretrained_writes_today(tiny_recipe):
+    # a cache written by older code must not be served: its files would differ from a fresh save
+    path = k2mini.pretrained_mini("tiny", root=tiny_recipe, progress=False)
+    fresh = path.parent / "fresh"
+    k2mini.save_pretrained(k2mini.load_pretrained(path, progress=False), fresh, fp8=True, progress=False)
+    assert (path / "config.json").read_text() == (fresh / "config.json").read_text()
+
+
 def test_unknown_mini():
     with pytest.raises(ValueError, match="unknown mini"):
         k2mini.pretrained_mini("gpt-2")
