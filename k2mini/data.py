@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_write, default_mode
+
 __all__ = [
     "fetch_corpus",
     "load_corpus",
@@ -214,9 +216,8 @@ def _sdist_members(archive: Path, source: _SdistSource) -> Iterator[tuple[str, C
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _manifest_problems(folder: Path) -> list[str]:
@@ -303,7 +304,7 @@ def fetch_corpus(
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
     try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the corpus is not
+        staging.chmod(default_mode(directory=True))  # mkdtemp makes it private; the corpus is not
         with tempfile.TemporaryDirectory(prefix="k2mini-sdist-") as tmp:
             archive = _download_sdist(source, Path(tmp), expected)
             got = _sha256_file(archive)

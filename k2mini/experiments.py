@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 __all__ = [
     "RunSpec",
@@ -345,21 +346,8 @@ class RunCache:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, allow_nan=False, separators=(",", ":"), default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path, "w") as f:  # a reader sees the old file or the new one, never half of one
+        json.dump(obj, f, allow_nan=False, separators=(",", ":"), default=_json_default)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import atomic_write
 from .config import K2Config
 from .model import K2ForCausalLM
 from .train import TrainConfig, train
@@ -318,10 +319,8 @@ def save_record(path: str | os.PathLike, runs: Sequence[Run], *, command: str, s
         ],
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(record, indent=1, default=float) + "\n")
 
 
 def load_record(path: str | os.PathLike) -> tuple[dict, pd.DataFrame, pd.DataFrame]:

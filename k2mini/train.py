@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .balance import METHODS, loss_free_update, sequence_aux_loss, switch_aux_loss
 from .moe import max_violation
 
@@ -126,9 +127,8 @@ def _save_checkpoint(path: str, model, optimizer, step: int, rows: list, cfg: Tr
         "rows": rows,
         "train_config": asdict(cfg),
     }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a reader sees the old checkpoint or the new one, never half of one
+    with atomic_write(path) as f:  # a reader sees the old checkpoint or the new one, never half of one
+        torch.save(state, f)
 
 
 def _load_checkpoint(path: str):
@@ -182,7 +182,6 @@ def train(
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)  # stacked experts: every parameter is used every step
     moe_layers = model.moe_layers()
-    n_layers = model.config.num_hidden_layers
     pass_max_logits = _steps_with_max_logits(optimizer)
     for g in optimizer.param_groups:
         g.setdefault("peak_lr", g["lr"])

@@ -60,7 +60,7 @@ def test_transformers_loads_the_saved_checkpoint(model, saved):
     assert (logits(hf) - ref).abs().max().item() <= 1e-4
 
 
-def test_layout_shards_and_index(model, saved):
+def test_layout_shards_and_index(model, saved, tmp_path):
     files = sorted(os.listdir(saved))
     shards = [f for f in files if f.endswith(".safetensors")]
     n = len(shards)
@@ -73,6 +73,8 @@ def test_layout_shards_and_index(model, saved):
         with safe_open(saved / shard, "pt") as f:
             assert f.metadata() == {"format": "pt"} and len(f.keys()) > 0
     assert "quantization_config" not in json.loads((saved / "config.json").read_text())
+    (tmp_path / "plain").mkdir()
+    assert saved.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkdtemp's private 0700
 
 
 def test_round_trip_is_exact(model, saved):

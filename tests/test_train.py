@@ -1,9 +1,6 @@
 """Training loop: determinism, resume, balancing in the loop, non-finite handling, 2-process DDP."""
 
 import os
-import subprocess
-import sys
-import warnings
 
 import pytest
 import torch

@@ -9,12 +9,11 @@ Written atomically (a temporary file beside it, then renamed over it).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from .result import StreamResult
 
 FORMAT = "k2mini.analysis/1"
@@ -55,18 +54,8 @@ def save_results(path, summary=None, stream: StreamResult | None = None, extra: 
         "stream": None if stream is None else stream.to_dict(),
         "extra": extra or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(doc, f)
     return path
 
 

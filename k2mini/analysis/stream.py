@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write
 from ..moe import grouped_experts
 from ..rope import rope_cos_sin, rope_frequencies
 from . import stats
@@ -147,18 +146,8 @@ def _fingerprint(config_hf: dict, ids: torch.Tensor, chosen: list[int], labels) 
 
 def _save_state(path: Path, state: dict) -> None:
     """torch.save to a temporary file beside `path`, flushed, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def _load_state(path: Path, fingerprint: str) -> dict | None:
