@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import sys
 
+import math
+
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -64,6 +66,20 @@ def step_candidates(weights: list[torch.Tensor]) -> tuple[dict, dict]:
     return {name: o.step for name, o in opts.items()}, counts
 
 
+def ns_flops(shape, steps: int = 5) -> float:
+    """Multiply-adds x 2 of `steps` Newton-Schulz iterations on a stack [E, A, B] (m = min(A, B), n = max):
+    X X^T (2 m^2 n), A A (2 m^3) and (B + aI) X (2 m^2 n) per iteration."""
+    *batch, A, B = shape
+    m, n = min(A, B), max(A, B)
+    return steps * math.prod(batch) * (4 * m * m * n + 2 * m ** 3)
+
+
+def matmul_peak_gflops(n: int = 1024) -> float:
+    x = torch.randn(n, n)
+    t = best_times({"mm": lambda: x @ x}, repeats=NS_REPEATS)["mm"]
+    return 2 * n ** 3 / t / 1e9
+
+
 def main():
     torch.set_num_threads(2)
     weights = muon_params(PRESET)
@@ -85,7 +101,7 @@ def main():
     micro = next(w for w in muon_params("k2-micro") if w.ndim == 3)
     cases = [(experts[0], torch.float32), (experts[-1], torch.float32),  # gate/up (wide), down (tall)
              (experts[0], torch.bfloat16), (experts[-1], torch.bfloat16), (micro, torch.float32)]
-    rows, ratios = [], {}
+    rows, ratios, loop_rates = [], {}, {}
     for G, dtype in cases:
         t = best_times(
             {
@@ -95,9 +111,17 @@ def main():
             repeats=NS_REPEATS,
         )
         ratios[(tuple(G.shape), dtype)] = t["loop"] / t["batched"]
+        flops = ns_flops(G.shape)
+        loop_rates[(tuple(G.shape), dtype)] = flops / t["loop"] / 1e9
         rows.append((str(tuple(G.shape)), str(dtype).removeprefix("torch."), f"{1e3 * t['batched']:.2f}",
-                     f"{1e3 * t['loop']:.2f}", f"{t['loop'] / t['batched']:.2f}x"))
-    print_table(rows, ("experts", "dtype", "batched ms", "loop ms", "speed-up"))
+                     f"{1e3 * t['loop']:.2f}", f"{t['loop'] / t['batched']:.2f}x",
+                     f"{flops / t['batched'] / 1e9:.0f}", f"{flops / t['loop'] / 1e9:.0f}"))
+    print_table(rows, ("experts", "dtype", "batched ms", "loop ms", "speed-up", "batched GFLOP/s", "loop GFLOP/s"))
+    peak = matmul_peak_gflops()
+    fp32_loop = max(r for (shape, dtype), r in loop_rates.items() if dtype == torch.float32)
+    print(f"this CPU's float32 matmul rate (one 1024^3 matmul, same process): {peak:.0f} GFLOP/s. The float32 loop "
+          f"already runs at up to {fp32_loop:.0f} GFLOP/s, so no batched form can beat it by more than "
+          f"{peak / fp32_loop:.1f}x on these shapes")
 
     worst = min(ratios.values())
     print(f"\ngoal k2mini step <= torch step: {'met' if step_ratio >= 1 else 'NOT met'} ({step_ratio:.2f}x)")

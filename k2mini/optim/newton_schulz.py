@@ -77,14 +77,23 @@ def newton_schulz(
     # a X + B X = (B + a I) X. Folding a into B's small diagonal saves a full-size pass over X per
     # step (addmm first copies its input into the output), ~30% of the time on CPU. Half precision
     # keeps torch's addmm form: there a + B_ii would be rounded to 8 bits, and we match torch exactly.
-    fold = dtype in (torch.float32, torch.float64)
-    for _ in range(steps):
-        A = X @ X.mT  # (..., min, min) Gram matrix
-        B = addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        if fold:
+    if dtype in (torch.float32, torch.float64):
+        # Products go into buffers allocated once: a fresh multi-MB tensor per product costs the
+        # allocator an mmap and page faults each time, which on CPU took as long as the matmuls.
+        gram = X.shape[:-1] + X.shape[-2:-1]
+        A, B = X.new_empty(gram), X.new_empty(gram)
+        Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)
+        for _ in range(steps):
+            torch.matmul(X, X.mT, out=A)  # (..., min, min) Gram matrix
+            addmm(A, A, A, beta=b, alpha=c, out=B)  # b A + c A^2
             B.diagonal(dim1=-2, dim2=-1).add_(a)
-            X = B @ X
-        else:
+            torch.matmul(B, X, out=Y)
+            # the old X becomes the next output buffer, unless it is the caller's transposed view
+            X, Y = Y, (X if X.is_contiguous() else torch.empty_like(Y))
+    else:
+        for _ in range(steps):
+            A = X @ X.mT
+            B = addmm(A, A, A, beta=b, alpha=c)
             X = addmm(X, B, X, beta=a)
     X = X.reshape(*batch_shape, *X.shape[-2:])
 
