@@ -1,12 +1,15 @@
 """Loading K2-format fp8 checkpoints (several shards, partial 128x128 blocks, an MTP layer and rotary
 caches to ignore) from a directory: the logits equal transformers' on the dequantized weights."""
 
+import os
+
 import pytest
 import torch
 
 import k2mini
 from checkpoint_factory import fp8_checkpoint
 from k2mini.checkpoint import CheckpointReader
+from k2mini.checkpoint.names import is_ignored
 
 transformers = pytest.importorskip("transformers")
 
@@ -97,3 +100,34 @@ def test_iteration_goes_shard_by_shard(ckpt):
         assert shards == sorted(shards)  # each shard visited once, in order
         starts = [reader.info(n).start for n in names]
         assert all(a < b for a, b, s, t in zip(starts, starts[1:], shards, shards[1:]) if s == t)
+
+
+def test_loading_hints_each_next_tensor_and_its_scales_before_reading_it(ckpt, monkeypatch):
+    """load_pretrained asks the kernel for the next tensor's bytes (and its fp8 scales) while it converts
+    the current one: exactly their byte ranges, in the shard files that hold them."""
+    path, *_ = ckpt
+    hints = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: hints.append((fd, offset, n, advice)))
+    k2mini.load_pretrained(path, progress=False)
+    assert hints and all(advice == os.POSIX_FADV_WILLNEED for *_, advice in hints)
+    with CheckpointReader(path) as reader:
+        infos = [reader.info(n) for n in reader.stored_keys()]
+        ranges = {(i.start, i.end - i.start) for i in infos}
+        assert {(offset, n) for _, offset, n, _ in hints} <= ranges  # only whole tensors, no blind read-ahead
+        hinted = {(o, n) for _, o, n, _ in hints}
+        layers = reader.config["num_hidden_layers"]
+        loaded = [n for n in reader.keys() if not is_ignored(n, layers)]  # not the MTP layer, rotary caches
+        for group in reader.group_by_shard(loaded).values():
+            for name in group[1:]:  # every tensor after a shard's first is hinted, fp8 ones with their scales
+                names = [name, name + "_scale_inv"] if reader.is_fp8(name) else [name]
+                for i in map(reader.info, names):
+                    assert (i.start, i.end - i.start) in hinted, i.name
+
+
+def test_iter_tensors_with_hints_reads_the_same_tensors(ckpt):
+    path, *_ = ckpt
+    with CheckpointReader(path) as reader:
+        streamed = dict(reader.iter_tensors())
+        assert streamed.keys() == set(reader.keys())
+        for name in list(streamed)[:: max(1, len(streamed) // 10)]:
+            assert torch.equal(streamed[name], reader.get(name))

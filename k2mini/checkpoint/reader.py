@@ -10,7 +10,6 @@ the requested dtype. Every header is validated against the file size before any 
 from __future__ import annotations
 
 import json
-import math
 import posixpath
 
 import torch
@@ -163,9 +162,10 @@ class CheckpointReader:
         info = self.check(name)
         r0, r1 = _row_range(info, rows)
         shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
-        buf = bytearray(math.prod(shape) * info.torch_dtype.itemsize)
-        self._readinto(info, info.start + r0 * info.row_bytes, buf)
-        return decode(buf, info.dtype, shape)
+        out = torch.empty(shape, dtype=info.torch_dtype)  # not a bytearray: no zero-filling pass
+        if out.numel():
+            self._readinto(info, info.start + r0 * info.row_bytes, _bytes_of(out))
+        return out
 
     def get_expert(self, layer: int, expert: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """One routed expert: {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}."""
@@ -179,11 +179,21 @@ class CheckpointReader:
         return {s: sorted(groups[s], key=lambda n: self.info(n).start) for s in sorted(groups)}
 
     def iter_tensors(self, names=None, dtype: torch.dtype = torch.float32, progress: bool = False):
-        """Yield (name, tensor) shard by shard, with a progress bar over shards."""
+        """Yield (name, tensor) shard by shard, with a progress bar over shards. While one tensor is
+        converted, the next one's bytes are already on their way into the page cache (local files)."""
         groups = self.group_by_shard(self.keys() if names is None else names)
         for shard, group in tqdm(groups.items(), desc="reading shards", unit="shard", disable=not progress):
-            for name in group:
+            for name, following in zip(group, [*group[1:], None]):
+                if following is not None:
+                    self.will_need(following)
                 yield name, self.get(name, dtype)
+
+    def will_need(self, name: str) -> None:
+        """Hint that tensor `name` (and its fp8 scales) will be read next: a local file starts loading
+        those bytes in the background; no memory of this process is used. A no-op for remote sources."""
+        for n in (name, scale_name(name)) if self.is_fp8(name) else (name,):
+            info = self.info(n)
+            self._file(self.weight_map[n]).will_need(info.start, info.end - info.start)
 
     @property
     def bytes_read(self) -> int:
@@ -273,6 +283,8 @@ class CheckpointReader:
             b = min(r1, a + step)
             buf = view[: (b - a) * info.row_bytes]
             self._readinto(info, info.start + a * info.row_bytes, buf)
+            if b < r1:  # the next piece loads while this one is converted
+                self._file(self.weight_map[info.name]).will_need(info.start + b * info.row_bytes, buf.nbytes)
             yield a, b, decode(buf, info.dtype, (b - a, *info.shape[1:]))
 
     def _scale(self, name: str) -> torch.Tensor:

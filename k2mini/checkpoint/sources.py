@@ -40,6 +40,11 @@ class LocalFile:
         self.readinto(offset, buf)
         return bytes(buf)
 
+    def will_need(self, offset: int, n: int) -> None:
+        """Ask the kernel to start reading [offset, offset + n) into the page cache, without waiting."""
+        if n > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._f.fileno(), offset, n, os.POSIX_FADV_WILLNEED)
+
     def close(self):
         self._f.close()
 
@@ -67,6 +72,9 @@ class RemoteFile:
     def readinto(self, offset: int, buffer) -> None:
         view = memoryview(buffer).cast("B")
         view[:] = self.read(offset, len(view))
+
+    def will_need(self, offset: int, n: int) -> None:
+        """No read-ahead for remote files: every read is already one range request."""
 
     def close(self):
         self._f.close()
