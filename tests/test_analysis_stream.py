@@ -100,6 +100,22 @@ def test_reads_only_experts_that_received_tokens(grouped, monkeypatch):
     assert r.experts_loaded == [len(set(rec.indices.reshape(-1).tolist())) for rec in tel.routers]
 
 
+def test_each_expert_is_hinted_before_it_is_read(grouped, monkeypatch):
+    events = []
+    real_load, real_hint = stream_mod.load_expert, k2mini.CheckpointReader.will_need_expert
+    monkeypatch.setattr(stream_mod, "load_expert", lambda reader, layer, e: events.append(("read", layer, e)) or real_load(reader, layer, e))
+    monkeypatch.setattr(k2mini.CheckpointReader, "will_need_expert",
+                        lambda self, layer, e: events.append(("hint", layer, e)) or real_hint(self, layer, e))
+    stream_activations(grouped, torch.tensor([[5, 9, 2, 7]]), progress=False)
+    reads = [(layer, e) for kind, layer, e in events if kind == "read"]
+    for n, (kind, layer, e) in enumerate(events):
+        if kind == "hint":  # announced just before the current expert is read, and read right after it
+            later_reads = [(l2, e2) for kind2, l2, e2 in events[n + 1 :] if kind2 == "read"]
+            assert later_reads[1] == (layer, e)
+    firsts = {min((i for i, r in enumerate(reads) if r[0] == layer)) for layer, _ in reads}
+    assert sum(kind == "hint" for kind, *_ in events) == len(reads) - len(firsts)  # all but each layer's first
+
+
 def test_layer_selection_stops_early(grouped):
     ids = token_batch(260, (2, 10))
     r = stream_activations(grouped, ids, layers=[1], progress=False)

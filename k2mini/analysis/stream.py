@@ -106,12 +106,13 @@ def run_attention(attn, h, cos, sin, budget_bytes: int):
     return torch.cat(outs), torch.stack(maxes).amax(0)
 
 
-def streamed_experts(flat, routing, n_experts: int, fetch, on_expert=None):
+def streamed_experts(flat, routing, n_experts: int, fetch, on_expert=None, prefetch=None):
     """sum_j w_j expert_{i_j}(x) like `grouped_experts`, fetching each expert that got tokens when needed.
 
     Token-slots are sorted by expert exactly as `grouped_experts` sorts them, and each expert's slice
     goes through `grouped_experts` itself, added in the same order: the result is the model's.
-    fetch(e) -> (gate, up, down); on_expert(e) is called after expert e is done and freed.
+    fetch(e) -> (gate, up, down); on_expert(e) is called after expert e is done and freed; prefetch(e),
+    if given, is told which expert comes next before the current one is fetched (a read-ahead hint).
     """
     k = routing.indices.shape[-1]
     slot_expert = routing.indices.reshape(-1)
@@ -120,9 +121,11 @@ def streamed_experts(flat, routing, n_experts: int, fetch, on_expert=None):
     counts = torch.bincount(slot_expert, minlength=n_experts).tolist()
     out = torch.zeros_like(flat)
     start = 0
-    for e, n in enumerate(counts):
-        if not n:
-            continue
+    used = [e for e, n in enumerate(counts) if n]
+    for e, following in zip(used, [*used[1:], None]):
+        n = counts[e]
+        if prefetch is not None and following is not None:
+            prefetch(following)
         rows = order[start : start + n] // k
         gate, up, down = fetch(e)
         one = torch.zeros(n, 1, dtype=torch.int64)  # every slot goes to the one expert given
@@ -319,7 +322,8 @@ def _layer(reader, config, i, x, cos, sin, budget, bar):
         done[0] += 1
         bar.set_postfix_str(f"layer {i}: expert {done[0]}/{needed}", refresh=False)
 
-    y = streamed_experts(flat, routing, config.n_routed_experts, lambda e: load_expert(reader, i, e), on_expert)
+    y = streamed_experts(flat, routing, config.n_routed_experts, lambda e: load_expert(reader, i, e), on_expert,
+                         prefetch=lambda e: reader.will_need_expert(i, e))
     shared = layer.mlp.shared_experts
     if shared is not None:
         load_piece(reader, shared, prefix + "mlp.shared_experts.")

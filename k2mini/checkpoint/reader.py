@@ -171,6 +171,11 @@ class CheckpointReader:
         """One routed expert: {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}."""
         return {p: self.get(expert_hf_name(layer, expert, p), dtype) for p in ("gate_proj", "up_proj", "down_proj")}
 
+    def will_need_expert(self, layer: int, expert: int) -> None:
+        """`will_need` for the three matrices of one routed expert."""
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            self.will_need(expert_hf_name(layer, expert, p))
+
     def group_by_shard(self, names) -> dict[str, list[str]]:
         """names grouped by shard (shards in file order), each group in the order of the bytes."""
         groups: dict[str, list[str]] = {}
