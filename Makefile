@@ -22,8 +22,11 @@ corpus: $(CORPUS)
 $(CORPUS): | $(STAMP)
 	$(PY) -c "from k2mini.data import main; raise SystemExit(main(['fetch']))"
 
+# Jupyter refuses to run as root unless told; containers often are root. LAB_ARGS adds options
+# (e.g. LAB_ARGS="--no-browser --ip 0.0.0.0 --port 8888").
+LAB_ARGS ?=
 lab: $(STAMP) $(CORPUS)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 pytest: $(STAMP) $(CORPUS)
 	$(PY) -m pytest -q tests
