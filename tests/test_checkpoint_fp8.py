@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from checkpoint_factory import reference_dequantize, reference_quantize
+import k2mini.checkpoint.fp8 as fp8_module
 from k2mini.checkpoint.fp8 import dequantize_fp8, quantize_fp8, scale_shape
 
 SHAPES = [(96, 160), (160, 96), (300, 200), (1, 1), (129, 127), (256, 384), (128, 128), (5, 300), (7168 // 16, 130)]
@@ -96,3 +97,17 @@ def test_input_validation():
         dequantize_fp8(torch.ones(3, dtype=torch.float8_e4m3fn), torch.ones(1, 1))
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         dequantize_fp8(torch.ones(3, 3), torch.ones(1, 1))
+
+
+@pytest.mark.parametrize("chunk", [100, 128 * 300, 3 * 128 * 300 + 7])
+def test_chunks_of_several_block_rows_give_the_same_values(chunk, monkeypatch):
+    """Chunks of part of a block row, of one, and of several (with a partial last block row and a
+    partial last column block), from slices that start on and off block boundaries."""
+    monkeypatch.setattr(fp8_module, "CHUNK_ELEMENTS", chunk)
+    w = blocky((700, 300), seed=7)
+    q, s = quantize_fp8(w)
+    full = reference_dequantize(q, s)
+    for a, b in [(0, 700), (128, 700), (5, 650), (256, 640), (300, 301)]:
+        assert torch.equal(dequantize_fp8(q[a:b], s, row_start=a), full[a:b]), (a, b)
+        out = torch.empty(b - a, 300, dtype=torch.bfloat16)
+        assert torch.equal(dequantize_fp8(q[a:b], s, row_start=a, out=out), full[a:b].to(torch.bfloat16))

@@ -131,3 +131,21 @@ def test_iter_tensors_with_hints_reads_the_same_tensors(ckpt):
         assert streamed.keys() == set(reader.keys())
         for name in list(streamed)[:: max(1, len(streamed) // 10)]:
             assert torch.equal(streamed[name], reader.get(name))
+
+
+@pytest.mark.parametrize("window", [0, 1, 5000, 10**9])
+def test_read_ahead_hints_each_tensor_once_and_keeps_the_window_full(ckpt, window, monkeypatch):
+    path, *_ = ckpt
+    with CheckpointReader(path) as reader:
+        names = next(iter(reader.group_by_shard(reader.keys()).values()))
+        size = {n: sum(reader.info(m).nbytes for m in reader._with_scales(n)) for n in names}
+        hinted = []
+        monkeypatch.setattr(reader, "will_need", hinted.append)
+        for i, name in enumerate(reader.read_ahead(names, window=window)):
+            assert name == names[i]
+            later = names[i + 1 :]
+            covered = [n for n in later if n in hinted]
+            assert covered == later[: len(covered)]  # hints run ahead in order
+            if window and len(covered) < len(later):
+                assert sum(size[n] for n in covered) >= window  # stops only with the window full
+        assert hinted == names[1:] if window else hinted == []  # each once, the first needs none

@@ -19,7 +19,7 @@ import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = (128, 128)
-CHUNK_ELEMENTS = 2**18  # dequantize this many elements at a time (cache-sized scratch)
+CHUNK_ELEMENTS = 2**20  # dequantize about this many elements at a time (scratch: 3-7 MiB)
 
 
 def scale_shape(shape, block=BLOCK) -> tuple[int, int]:
@@ -83,15 +83,23 @@ def dequantize_fp8(
     codes = weight.view(torch.int8)  # sign-extends into int16 below
     scales = scale_inv.to(torch.float32) * 256.0  # float16_bits(w) * 256 == float(w), exactly
     full = (cols // bi) * bi
-    chunk_rows = max(1, min(bo, CHUNK_ELEMENTS // max(cols, 1)))
+    # A chunk is a run of whole block rows when at least one fits in CHUNK_ELEMENTS, else part of one
+    # block row; either way it never needs two scales for one row. Fewer, larger chunks: fewer ops.
+    chunk_rows = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    chunk_rows = chunk_rows - chunk_rows % bo if chunk_rows >= bo else chunk_rows
+    chunk_rows = min(chunk_rows, rows)
     bits = torch.empty(chunk_rows, cols, dtype=torch.int16)
     low7 = torch.empty(chunk_rows, cols, dtype=torch.int8)
     # the product is formed in float32 (as the reference W = float(w) * s), then rounded once to dtype
     work = None if out.dtype == torch.float32 else torch.empty(chunk_rows, cols, dtype=torch.float32)
     r = 0
     while r < rows:
-        b = (row_start + r) // bo  # scale row of this chunk; chunks never straddle two block rows
-        n = min(rows - r, chunk_rows, (b + 1) * bo - (row_start + r))
+        g = row_start + r
+        b = g // bo  # block row of the chunk's first row
+        if g % bo or chunk_rows < bo:
+            n = min(rows - r, chunk_rows, (b + 1) * bo - g)  # stays inside block row b
+        else:
+            n = min(rows - r, chunk_rows)  # whole block rows from b on (the last may end early)
         h, dst, src = bits[:n], out[r : r + n], codes[r : r + n]
         w = dst if work is None else work[:n]
         h.copy_(src)  # int8 -> int16: sign in bits 7..15, eeee mmm in bits 0..6
@@ -101,15 +109,32 @@ def dequantize_fp8(
         nan = torch.bitwise_and(src, 0x7F, out=low7[:n])  # e4m3's NaN is s1111111: 1.875 in float16
         if int(nan.max()) == 0x7F:
             w.masked_fill_(nan == 0x7F, float("nan"))
-        s = scales[b]
-        if full:
-            w[:, :full].unflatten(1, (full // bi, bi)).mul_(s[: full // bi, None])
-        if full < cols:
-            w[:, full:].mul_(s[-1])
+        _scale_rows_(w, scales, b, bo, bi, full)
         if work is not None:
             dst.copy_(w)
         r += n
     return out
+
+
+def _scale_rows_(w: torch.Tensor, scales: torch.Tensor, b: int, bo: int, bi: int, full: int) -> None:
+    """Multiply rows of w, the first in block row b, by their blocks' scales, in place: the whole
+    block rows as [blocks, bo, col blocks, bi] views, then the rest of the last block row."""
+    n, cols = w.shape
+    whole = n // bo  # n >= bo only for chunks that start on a block boundary
+    if whole:
+        s = scales[b : b + whole]
+        head = w[: whole * bo]
+        if full:
+            head[:, :full].unflatten(0, (whole, bo)).unflatten(2, (full // bi, bi)).mul_(s[:, None, : full // bi, None])
+        if full < cols:
+            head[:, full:].unflatten(0, (whole, bo)).mul_(s[:, None, -1:])
+    rest = w[whole * bo :]
+    if len(rest):
+        s = scales[b + whole]
+        if full:
+            rest[:, :full].unflatten(1, (full // bi, bi)).mul_(s[: full // bi, None])
+        if full < cols:
+            rest[:, full:].mul_(s[-1])
 
 
 def _dequantize_plain(weight, scale_inv, block, row_start, out):

@@ -72,9 +72,7 @@ def _load(reader: CheckpointReader, dtype, device, progress) -> K2ForCausalLM:
     with torch.no_grad():
         groups = reader.group_by_shard(expected)
         for shard, names in tqdm(groups.items(), desc="loading shards", unit="shard", disable=not progress):
-            for hf, following in zip(names, [*names[1:], None]):
-                if following is not None:
-                    reader.will_need(following)  # its bytes load while this tensor is converted
+            for hf in reader.read_ahead(names):  # the next tensors load while this one is converted
                 reader.get(hf, out=destination[hf])
     inv_freq, _ = rope_frequencies(config)
     model.inv_freq = inv_freq.to(device)

@@ -23,6 +23,7 @@ from .sources import open_source
 __all__ = ["CheckpointReader", "CheckpointError"]
 
 CONFIG = "config.json"
+READ_AHEAD_BYTES = 32 * 2**20  # how far ahead streaming reads ask the kernel for bytes (local files)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -188,15 +189,31 @@ class CheckpointReader:
         converted, the next one's bytes are already on their way into the page cache (local files)."""
         groups = self.group_by_shard(self.keys() if names is None else names)
         for shard, group in tqdm(groups.items(), desc="reading shards", unit="shard", disable=not progress):
-            for name, following in zip(group, [*group[1:], None]):
-                if following is not None:
-                    self.will_need(following)
+            for name in self.read_ahead(group):
                 yield name, self.get(name, dtype)
+
+    def read_ahead(self, names, window: int = READ_AHEAD_BYTES):
+        """Yield `names` in order; before each, make sure the tensors after it, up to `window` bytes
+        (fp8 scales included), have been hinted with `will_need`. Read them in this order."""
+        names = list(names)
+        sizes = [sum(self.info(n).nbytes for n in self._with_scales(name)) for name in names]
+        ahead, j = 0, 1  # names[i + 1 : j] are hinted, `ahead` bytes in all
+        for i, name in enumerate(names):
+            while j < len(names) and ahead < window:
+                self.will_need(names[j])
+                ahead += sizes[j]
+                j += 1
+            yield name
+            if i + 1 < j:
+                ahead -= sizes[i + 1]
+
+    def _with_scales(self, name: str) -> tuple[str, ...]:
+        return (name, scale_name(name)) if self.is_fp8(name) else (name,)
 
     def will_need(self, name: str) -> None:
         """Hint that tensor `name` (and its fp8 scales) will be read next: a local file starts loading
         those bytes in the background; no memory of this process is used. A no-op for remote sources."""
-        for n in (name, scale_name(name)) if self.is_fp8(name) else (name,):
+        for n in self._with_scales(name):
             info = self.info(n)
             self._file(self.weight_map[n]).will_need(info.start, info.end - info.start)
 
