@@ -9,6 +9,7 @@ import torch
 import k2mini
 from checkpoint_factory import fp8_checkpoint
 from http_range_server import RangeServer
+from reference import randomize_
 from k2mini.analysis import stats, stream as stream_mod, stream_activations
 from k2mini.checkpoint import CheckpointError, save_pretrained
 from k2mini.rope import rope_cos_sin
@@ -17,17 +18,7 @@ from k2mini.rope import rope_cos_sin
 def randomized(config, seed=0, std=0.15):
     """A K2ForCausalLM with weights large enough that routing is far from uniform."""
     torch.manual_seed(seed)
-    model = k2mini.K2ForCausalLM(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-        for layer in model.moe_layers():
-            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(config.n_routed_experts, generator=g) * 0.05)
-    return model
+    return randomize_(k2mini.K2ForCausalLM(config).eval(), seed, std)
 
 
 @pytest.fixture(scope="module")
