@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, CheckpointReader, NetworkError, load_pr
 from .pretrained import pretrained_mini
 from .data import ByteTokenizer, Corpus, TokenDataset, fetch_corpus, load_corpus, make_dataset
 from .train import NonFiniteLossError, TrainConfig
-from .train import train  # noqa: E402  (the function shadows the module name on purpose: `k2mini.train(...)`)
+from .train import train  # the function shadows the module's name on purpose: `k2mini.train(...)`
 
 __all__ = [
     "K2Config",

@@ -1,24 +1,37 @@
-"""Write a file so that a reader sees the old content or the new, never half of one.
+"""Write files and folders so that a reader sees the old content or the new, never half of one.
 
 `with atomic_write(path, "w") as f:` writes to a temporary file beside `path` (same folder, so the
 final rename cannot cross file systems), flushes and fsyncs it, then renames it over `path`. If the
-block raises, the temporary file is removed and `path` is untouched.
+block raises, the temporary file is removed and `path` is untouched. `temp_dir(parent, prefix)` makes
+a folder to fill and then rename into place.
+
+Both are created with the permissions open() and mkdir() give under the process's umask, not the
+private 0600/0700 of tempfile.mkstemp/mkdtemp: what they become is a result or a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def default_mode(directory: bool = False) -> int:
-    """The permissions open() or mkdir() would give a new file or folder under the current umask
-    (mkstemp and mkdtemp make theirs private, which a result or checkpoint should not be)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+def _fresh_name(parent: Path, prefix: str) -> Path:
+    return parent / f"{prefix}{secrets.token_hex(6)}.tmp"
+
+
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new, empty folder `parent/<prefix><random>.tmp` (parent created if missing)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = _fresh_name(parent, prefix)
+        try:
+            path.mkdir(mode=0o777)  # the umask applies, as for any mkdir
+            return path
+        except FileExistsError:
+            continue
 
 
 @contextmanager
@@ -27,12 +40,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = _fresh_name(path.parent, f".{path.name}.")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush()
-            os.fchmod(f.fileno(), default_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

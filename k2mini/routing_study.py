@@ -318,7 +318,6 @@ def save_record(path: str | os.PathLike, runs: Sequence[Run], *, command: str, s
             for h in [r.history.dropna(subset=["val_loss"])]
         ],
     }
-    path = Path(path)
     with atomic_write(path, "w") as f:
         f.write(json.dumps(record, indent=1, default=float) + "\n")
 

@@ -45,3 +45,12 @@ def test_permissions_are_those_of_a_plain_new_file(tmp_path):
     with atomic_write(tmp_path / "atomic", "w") as f:
         f.write("x")
     assert (tmp_path / "atomic").stat().st_mode == plain.stat().st_mode  # not mkstemp's private 0600
+
+
+def test_temp_dir_is_new_empty_and_not_private(tmp_path):
+    from k2mini.atomic import temp_dir
+
+    (tmp_path / "plain").mkdir()
+    a, b = temp_dir(tmp_path / "sub", ".x-"), temp_dir(tmp_path / "sub", ".x-")
+    assert a != b and a.parent == tmp_path / "sub" and a.name.startswith(".x-") and not any(a.iterdir())
+    assert a.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkdtemp's private 0700

@@ -215,7 +215,7 @@ class CheckpointReader:
         those bytes in the background; no memory of this process is used. A no-op for remote sources."""
         for n in self._with_scales(name):
             info = self.info(n)
-            self._file(self.weight_map[n]).will_need(info.start, info.end - info.start)
+            self._file(self.weight_map[n]).will_need(info.start, info.nbytes)
 
     @property
     def bytes_read(self) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import default_mode
+from ..atomic import temp_dir
 from .fp8 import quantize_fp8, scale_shape
 from .names import hf_tensor_names, is_fp8_quantized, scale_name
 from .reader import CONFIG, INDEX
@@ -58,8 +58,7 @@ def save_pretrained(
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
-    tmp.chmod(default_mode(directory=True))  # it becomes `path`: not private like mkdtemp's
+    tmp = temp_dir(path.parent, f".{path.name}.saving-")  # it becomes `path`: not private like mkdtemp's
     try:
         config = model.config.to_hf()
         config.pop("quantization_config", None)
