@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from k2mini import K2Config
 from k2mini.attention import MultiHeadLatentAttention
-from k2mini.attention_costs import kv_cache_bytes, kv_cache_numbers_per_token, mla_decode_macs
+from k2mini.lab.attention_costs import kv_cache_bytes, kv_cache_numbers_per_token, mla_decode_macs
 from k2mini.rope import rope_cos_sin, rope_frequencies
 
 K2 = K2Config.preset("kimi-k2")
@@ -71,7 +71,7 @@ def test_absorbed_is_cheaper_per_cached_token_at_k2_dims():
 
 def test_decode_step_seconds_shapes_and_cache_untouched():
     from k2mini import K2ForCausalLM
-    from k2mini.attention_costs import decode_step_seconds
+    from k2mini.lab.attention_costs import decode_step_seconds
 
     torch.manual_seed(0)
     model = K2ForCausalLM(K2Config.preset("k2-micro")).eval()

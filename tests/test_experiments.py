@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import k2mini
-from k2mini import experiments as ex
-from k2mini.experiments import PreparedBatches, RunCache, RunSpec, read_record, run_one, run_sweep, summarize, write_record
+from k2mini.lab import experiments as ex
+from k2mini.lab.experiments import PreparedBatches, RunCache, RunSpec, read_record, run_one, run_sweep, summarize, write_record
 
 TEXT = ("To be, or not to be, that is the question:\n" * 40 + "def f(x):\n    return x * 2\n" * 40) * 3
 

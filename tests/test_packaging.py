@@ -63,3 +63,24 @@ def test_public_names_the_issues_promise():
     assert callable(k2mini.analysis.router_summary) and callable(k2mini.analysis.stream_activations)
     with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
         k2mini.nonesuch
+
+
+def test_the_library_never_imports_the_lab():
+    """Importing k2mini and every core module (subpackages included) loads nothing from k2mini.lab."""
+    import subprocess
+    import sys
+
+    core = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "k2mini").rglob("*.py")
+        if "lab" not in p.relative_to(ROOT / "k2mini").parts and p.name != "__main__.py"
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for m in {core!r}:\n"
+        "    importlib.import_module(m)\n"
+        "lab = sorted(m for m in sys.modules if m == 'k2mini.lab' or m.startswith('k2mini.lab.'))\n"
+        "assert not lab, lab\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]

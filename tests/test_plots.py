@@ -1,4 +1,4 @@
-"""Smoke tests of k2mini.plots on synthetic inputs (Agg backend): each helper returns a Figure/Axes
+"""Smoke tests of k2mini.lab.plots on synthetic inputs (Agg backend): each helper returns a Figure/Axes
 holding the artists it promises."""
 
 import matplotlib
@@ -13,7 +13,7 @@ from matplotlib.collections import QuadMesh
 from matplotlib.container import ErrorbarContainer
 from matplotlib.patches import Rectangle
 
-from k2mini import plots
+from k2mini.lab import plots
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from k2mini import plots_stability as ps
-from k2mini.experiments import RunResult, RunSpec, summarize
+from k2mini.lab import plots_stability as ps
+from k2mini.lab.experiments import RunResult, RunSpec, summarize
 
 
 def fake_run(optimizer, lr, tau=100.0, steps=60, diverge_at=None, growth=1.0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import k2mini
-from k2mini import pretrained
+from k2mini.lab import pretrained
 
 
 @pytest.fixture

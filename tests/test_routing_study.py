@@ -1,4 +1,4 @@
-"""k2mini.routing_study: the routing walkthrough agrees with the model, run grids are deterministic and
+"""k2mini.lab.routing_study: the routing walkthrough agrees with the model, run grids are deterministic and
 share batches by seed, summaries and verdicts compute what they say."""
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 
 import k2mini
 from k2mini import K2Config
-from k2mini.routing_study import (
+from k2mini.lab.routing_study import (
     build_model,
     compare,
     dead_expert_fraction,
@@ -158,7 +158,7 @@ def test_grid_labels_are_not_passed_to_train(data):
 
 
 def test_record_round_trip(tmp_path, monkeypatch, data):
-    from k2mini import routing_study
+    from k2mini.lab import routing_study
 
     monkeypatch.setattr(k2mini.data, "load_corpus", lambda name: k2mini.load_corpus(str(tmp_path / "t.txt")))
     (tmp_path / "t.txt").write_text(TEXT)

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from .attention import LayerCache
-from .config import K2Config
-from .model import KVCache
+from ..attention import LayerCache
+from ..config import K2Config
+from ..model import KVCache
 
 KV_SCHEMES = ("mha", "gqa", "mqa", "mla")
 

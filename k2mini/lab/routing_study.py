@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .atomic import atomic_write
-from .config import K2Config
-from .model import K2ForCausalLM
-from .train import TrainConfig, train
+from ..atomic import atomic_write
+from ..config import K2Config
+from ..model import K2ForCausalLM
+from ..train import TrainConfig, train
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "seed"}
 
@@ -335,7 +335,7 @@ def load_record(path: str | os.PathLike) -> tuple[dict, pd.DataFrame, pd.DataFra
 def _sparsity_job(args):
     settings, E, seed = args
     torch.set_num_threads(1)
-    from .data import load_corpus, make_dataset
+    from ..data import load_corpus, make_dataset
 
     data = make_dataset(load_corpus(settings["corpus"]))
     base = K2Config.preset(settings["preset"]).replace(**settings["model"])
@@ -356,12 +356,12 @@ def sparsity_study(settings: dict, jobs: int = 1) -> list[Run]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """python -m k2mini.routing_study sparsity --steps 1500 --seeds 0,1,2 --jobs 3 --out data/runs/x.json"""
+    """python -m k2mini.lab.routing_study sparsity --steps 1500 --seeds 0,1,2 --jobs 3 --out data/runs/x.json"""
     import argparse
     import shlex
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m k2mini.routing_study", description="routing studies that take a while")
+    p = argparse.ArgumentParser(prog="python -m k2mini.lab.routing_study", description="routing studies that take a while")
     sub = p.add_subparsers(dest="study", required=True)
     s = sub.add_parser("sparsity", help="validation loss against total experts at fixed active experts")
     s.add_argument("--preset", default="k2-micro")
@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)  # as every worker does, so the record's machine info says what the runs used
     t0 = time.time()
     runs = sparsity_study(settings, a.jobs)
-    command = "python -m k2mini.routing_study " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m k2mini.lab.routing_study " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     save_record(a.out, runs, command=command, settings={**settings, "wall_s": round(time.time() - t0)})
     print(summarize_runs(runs)[["n_experts", "seed", "val_loss", "maxvio", "cpu_s"]].to_string(index=False))
     return 0

@@ -3,7 +3,7 @@ validation loss, and seed-spread error bars.
 
 Every helper draws on the Axes (or Figure) it is given, or on a new one, and returns it, so a notebook
 cell is one call plus `plt.show()`. Inputs are plain arrays and DataFrames (train() histories, the
-summaries of `k2mini.routing_study`), never models. Seaborn draws the heatmaps; the rest is matplotlib.
+summaries of `k2mini.lab.routing_study`), never models. Seaborn draws the heatmaps; the rest is matplotlib.
 """
 
 from __future__ import annotations

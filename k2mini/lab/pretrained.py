@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import K2Config
+from ..config import K2Config
 
 # name -> how to make it. Mixed prose + code so that domain specialization has something to show.
 _MINI_RECIPE = dict(
@@ -65,7 +65,7 @@ def mini_path(name: str = "k2-mini", root: str | os.PathLike | None = None) -> P
     """Where the cached checkpoint of mini `name` lives (whether or not it exists yet)."""
     if name not in RECIPES:
         raise ValueError(f"unknown mini {name!r}; choose from {sorted(RECIPES)}")
-    from .data import default_data_root
+    from ..data import default_data_root
 
     root = Path(root) if root is not None else Path(default_data_root())
     return root / "minis" / f"{name}-{_key(RECIPES[name])}"
@@ -83,10 +83,10 @@ def pretrained_mini(
     if (path / "training.json").exists() and not retrain:
         return path
     recipe = RECIPES[name]
-    from .checkpoint import save_pretrained
-    from .data import load_corpus, make_dataset
-    from .model import K2ForCausalLM
-    from .train import train
+    from ..checkpoint import save_pretrained
+    from ..data import load_corpus, make_dataset
+    from ..model import K2ForCausalLM
+    from ..train import train
 
     corpora = [load_corpus(c, max_bytes=n) for c, n in recipe["corpora"].items()]
     data = make_dataset(corpora, seed=recipe["seed"])
@@ -95,7 +95,7 @@ def pretrained_mini(
     if recipe["optimizer"] == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.95), weight_decay=0.1)
     else:
-        from .optim import build_optimizer
+        from ..optim import build_optimizer
 
         optimizer = build_optimizer(model, recipe["optimizer"], lr=recipe["lr"])
     history = train(

@@ -1,6 +1,6 @@
 """Plots of training-run histories for the optimizer-stability experiments (AdamW vs Muon vs MuonClip).
 
-Every function takes `RunResult`s (from `k2mini.experiments.run_sweep` or `read_record`) or the
+Every function takes `RunResult`s (from `k2mini.lab.experiments.run_sweep` or `read_record`) or the
 `summarize(...)` table, draws on the axes it is given (or a new figure) and returns the figure.
 Runs are grouped by optimizer ("adamw", "muon", "muonclip tau=..."): one colour family per group,
 darker for larger learning rates.

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from ..atomic import atomic_write
 
 __all__ = [
     "RunSpec",
@@ -69,7 +69,7 @@ def default_cache_dir() -> Path:
     """``$K2MINI_RUN_CACHE`` if set, else ``<data root>/runs/cache`` (``data/runs/cache`` in a checkout)."""
     if os.environ.get("K2MINI_RUN_CACHE"):
         return Path(os.environ["K2MINI_RUN_CACHE"])
-    from .data import default_data_root
+    from ..data import default_data_root
 
     return default_data_root() / "runs" / "cache"
 
@@ -145,7 +145,7 @@ class RunSpec:
         # dicts are unhashable: store overrides as sorted tuples of pairs, nested dicts frozen too
         object.__setattr__(self, "config", _freeze(self.config))
         object.__setattr__(self, "train", _freeze(self.train))
-        from .optim import KINDS
+        from ..optim import KINDS
 
         if self.optimizer not in KINDS:
             raise ValueError(f"RunSpec.optimizer must be one of {KINDS}, got {self.optimizer!r}")
@@ -187,7 +187,7 @@ class RunSpec:
         return hashlib.sha256(blob).hexdigest()[:24]
 
     def model_config(self):
-        from .config import K2Config
+        from ..config import K2Config
 
         return K2Config.preset(self.preset).replace(**self.config_overrides)
 
@@ -390,7 +390,7 @@ class PreparedBatches:
 
 @lru_cache(maxsize=4)
 def _dataset(corpus: str):
-    from .data import load_corpus, make_dataset
+    from ..data import load_corpus, make_dataset
 
     return make_dataset(load_corpus(corpus, progress=False))
 
@@ -426,9 +426,9 @@ class _Watch:
 
 def run_one(spec: RunSpec, data=None, *, progress: bool = False) -> RunResult:
     """Train one run as `spec` says (no cache); `data` is a TokenDataset or PreparedBatches."""
-    from .model import K2ForCausalLM
-    from .optim import NonFiniteGradientError, build_optimizer
-    from .train import train
+    from ..model import K2ForCausalLM
+    from ..optim import NonFiniteGradientError, build_optimizer
+    from ..train import train
 
     data = data if data is not None else PreparedBatches(_dataset(spec.corpus), spec.batch_size, spec.seq_len, spec.data_seed)
     torch.manual_seed(spec.seed)
