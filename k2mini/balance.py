@@ -1,5 +1,6 @@
 """Expert load balancing: the auxiliary-loss-free bias rule K2 inherits from DeepSeek-V3, the
-sequence-wise loss that complements it, and the Switch/GShard auxiliary loss it replaced.
+sequence-wise loss that complements it, the Switch/GShard auxiliary loss it replaced, and MaxVio,
+the imbalance they are judged by.
 
 All pure functions of the router's record (K2_SPEC.md section 4).
 """
@@ -63,3 +64,10 @@ def switch_aux_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -
     f = counts / counts.sum()
     P = _normalized(scores.reshape(-1, E)).mean(0)
     return alpha * E * (f * P).sum()
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio (Wang et al. 2024): (max load - mean load) / mean load, over the last dim."""
+    load = load.to(torch.float32)
+    mean = reduce(load, "... e -> ...", "mean")
+    return (load.amax(-1) - mean) / mean.clamp_min(1e-9)

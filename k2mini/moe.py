@@ -109,10 +109,6 @@ class Router(nn.Module):
         self.top_k, self.n_group, self.topk_group = c.num_experts_per_tok, c.n_group, c.topk_group
         self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
 
-    @property
-    def correction_bias(self) -> torch.Tensor:
-        return self.e_score_correction_bias
-
     def forward(self, x) -> Routing:
         return route(
             x,
@@ -160,9 +156,3 @@ class MoE(nn.Module):
             y = y + self.shared_experts(flat)
         return rearrange(y, "(b t) h -> b t h", b=B), routing
 
-
-def max_violation(load: torch.Tensor) -> torch.Tensor:
-    """MaxVio (Wang et al. 2024): (max load - mean load) / mean load, over the last dim."""
-    load = load.to(torch.float32)
-    mean = reduce(load, "... e -> ...", "mean")
-    return (load.amax(-1) - mean) / mean.clamp_min(1e-9)

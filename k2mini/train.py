@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .balance import METHODS, loss_free_update, sequence_aux_loss, switch_aux_loss
-from .moe import max_violation
+from .balance import max_violation
 
 
 class NonFiniteLossError(FloatingPointError):
