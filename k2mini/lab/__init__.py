@@ -1,14 +1,17 @@
 """k2mini.lab: what the notebooks run and draw. The library (`k2mini`) never imports it.
 
-Submodules load on first use: `experiments` (run specs, sweeps, the run cache, records),
-`routing_study` (routing walkthrough, balancing and sparsity studies), `attention_costs` (KV-cache
-and decode arithmetic), `plots` and `plots_stability` (figures; need the [lab] extra),
-`pretrained` (`pretrained_mini`: small K2s trained once and cached).
+Submodules load on first use: `experiments` (the one experiment framework: RunSpec, run_sweep, the
+run cache), `records` (committed records of full-scale runs), `stability` and `routing_study`
+(summaries and verdicts of notebooks 04, and 02 / 05), `attention_costs` (KV-cache and decode
+arithmetic), `palette`, `plots` and `plots_stability` (figures; need the [lab] extra), `seriation`
+(clustered heatmap orderings, scipy), `pretrained` (`pretrained_mini`: small K2s trained once and
+cached).
 """
 
 import importlib
 
-_SUBMODULES = {"experiments", "routing_study", "attention_costs", "plots", "plots_stability", "pretrained"}
+_SUBMODULES = {"experiments", "records", "stability", "routing_study", "attention_costs", "palette", "plots",
+               "plots_stability", "seriation", "pretrained"}
 
 
 def pretrained_mini(*args, **kwargs):

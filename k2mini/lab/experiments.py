@@ -1,20 +1,26 @@
-"""Sweeps of training runs: one spec per run, prepared batches shared, finished runs cached on disk.
+"""The lab's one experiment framework: a run spec, a sweep runner, a cache of finished runs.
 
     specs = [RunSpec(optimizer=k, lr=lr, steps=300) for k in ("adamw", "muon", "muonclip") for lr in lrs]
-    runs = run_sweep(specs)                  # a list of RunResult, in the order of `specs`
-    table = summarize(runs)                  # one row per run: peak max logit, final val loss, diverged
-    write_record("data/runs/x.json", runs)   # a small, committed record: summaries + thinned histories
+    specs = [base.replace(seed=s, train={"balancing": m}) for m in METHODS for s in (0, 1, 2)]
+    runs = run_sweep(specs)          # a list of RunResult, in the order of `specs`
+    runs[0].history                  # one row per step (train(), minus the per-step loads)
+    runs[0].loads                    # (steps, MoE layers, experts) token-slots per step
+    runs[0].model                    # the trained model, rebuilt from the cached weights
 
-A `RunSpec` is everything that decides a run's numbers (model preset and overrides, optimizer,
-learning rate, weight decay, tau, steps, batch shape, seeds, corpus, loop settings). Its `key()` hashes
-those settings together with the k2mini version and a digest of the library's sources, so a cached run
-is reused only by the code that produced it. Cache files are written atomically (a temporary file in
-the same folder, then `os.replace`): a reader sees a whole entry or none.
+A `RunSpec` is everything that decides a run's numbers: model preset and overrides, optimizer,
+learning rate, weight decay, tau, steps, batch shape, seeds, corpus and train() settings (balancing,
+schedule, ...). `run_sweep` prepares each batch shape's batches once and shares them between runs.
+Finished runs are cached under `default_cache_dir()`, keyed by the settings, the torch version and a
+digest of the code that decides training (`training_code_digest`): the core library minus the
+checkpoint and analysis packages, plus this file. Editing a plot or a summary keeps the cache.
+Entries are written atomically, weights first and the JSON last, so a reader sees a whole entry or
+none. A cache written on another machine or under other float kernels is reused as it is: the
+notebooks check claims that hold on any machine, never trained numbers at full precision.
 
 MuonClip runs also record what QK-Clip achieved: after every step that clipped a head, the runner
-re-runs the forward pass on that step's batch with the updated, clipped weights and stores the largest
-max logit it finds (`post_clip_max_logit`, and `post_clip_max_logit_clipped` over the clipped heads
-only). train() records `max_logit` BEFORE the step, so this is the honest test of "the clip holds".
+re-runs the forward pass on that step's batch with the clipped weights and stores the largest max
+logit (`post_clip_max_logit`, and `post_clip_max_logit_clipped` over the clipped heads only). train()
+records `max_logit` BEFORE the step, so this is the honest test of "the clip holds".
 """
 
 from __future__ import annotations
@@ -25,13 +31,12 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -45,24 +50,17 @@ __all__ = [
     "PreparedBatches",
     "run_sweep",
     "run_one",
-    "summarize",
-    "library_digest",
+    "training_code_digest",
     "machine_description",
-    "write_record",
-    "read_record",
-    "thin_history",
-    "best_runs",
-    "optimizer_group",
-    "tokens_to_reach",
-    "format_summary",
-    "significant",
     "default_cache_dir",
     "CLIP_COLUMNS",
 ]
 
 CLIP_COLUMNS = ("post_clip_max_logit", "post_clip_max_logit_clipped")
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_FORMAT = 1  # bump when the cache entry layout changes
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# packages of k2mini whose code does not decide a training run's numbers
+_NOT_TRAINING = ("lab", "analysis", "checkpoint")
+_FORMAT = 2  # bump when the cache entry layout changes
 
 
 def default_cache_dir() -> Path:
@@ -74,11 +72,17 @@ def default_cache_dir() -> Path:
     return default_data_root() / "runs" / "cache"
 
 
+def training_sources() -> list[Path]:
+    """The source files whose code decides a run's numbers (see the module docstring)."""
+    files = [p for p in _PACKAGE_DIR.rglob("*.py") if p.relative_to(_PACKAGE_DIR).parts[0] not in _NOT_TRAINING]
+    return sorted(files + [Path(__file__).resolve()])
+
+
 @lru_cache(maxsize=1)
-def library_digest() -> str:
-    """SHA-256 (first 16 hex digits) of every k2mini source file: any edit invalidates cached runs."""
+def training_code_digest() -> str:
+    """SHA-256 (first 16 hex digits) of `training_sources()`: editing any of them invalidates cached runs."""
     h = hashlib.sha256()
-    for path in sorted(_PACKAGE_DIR.rglob("*.py")):
+    for path in training_sources():
         h.update(path.relative_to(_PACKAGE_DIR).as_posix().encode())
         h.update(b"\0")
         h.update(path.read_bytes())
@@ -86,23 +90,26 @@ def library_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _library_version() -> str:
+def _cpu_model() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("k2mini")
-    except Exception:  # running from a tree that is not installed
-        return "unknown"
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine_description() -> dict:
-    """Where numbers came from: host, CPU, core count, torch and Python versions, accelerator if any."""
+    """Where numbers came from: OS, CPU, core count, torch threads and kernels, versions, accelerator."""
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
     }
     if torch.cuda.is_available():
@@ -118,10 +125,12 @@ def machine_description() -> dict:
 class RunSpec:
     """Everything that decides a training run's numbers.
 
-    `config` holds K2Config overrides on top of `preset` (e.g. ``{"num_attention_heads": 2}``), as a
-    dict or a tuple of pairs; `train` holds extra train() settings (``schedule``, ``warmup_steps``,
-    ``grad_clip``, ``balancing``, ...). `label` names the run in plots and tables and is NOT part of
-    the key (two specs that differ only in label share a cache entry).
+    `config` holds K2Config overrides on top of `preset` (e.g. ``{"n_routed_experts": 64}``), as a
+    dict or a tuple of pairs; `train` holds the other train() settings (``balancing``,
+    ``bias_update_speed``, ``schedule``, ``warmup_steps``, ``grad_clip``, ...). `seed` draws the
+    initial weights (from its own generator, not the global RNG); `data_seed` the batch order (None:
+    the same as `seed`, so two runs with the same seed see the same tokens in the same order).
+    `label` names the run in plots and tables and is NOT part of the key.
     """
 
     optimizer: str = "adamw"  # "adamw" | "muon" | "muonclip" (k2mini.optim.build_optimizer's kind)
@@ -133,8 +142,8 @@ class RunSpec:
     config: Any = ()
     batch_size: int = 8
     seq_len: int = 128
-    seed: int = 0  # model initialization
-    data_seed: int = 0  # batch order (train()'s seed)
+    seed: int = 0
+    data_seed: int | None = None
     corpus: str = "shakespeare"
     eval_every: int = 50
     eval_batches: int = 4
@@ -142,7 +151,7 @@ class RunSpec:
     label: str = field(default="", compare=False)
 
     def __post_init__(self):
-        # dicts are unhashable: store overrides as sorted tuples of pairs, nested dicts frozen too
+        # dicts are unhashable: store overrides as sorted tuples of pairs
         object.__setattr__(self, "config", _freeze(self.config))
         object.__setattr__(self, "train", _freeze(self.train))
         from ..optim import KINDS
@@ -153,6 +162,12 @@ class RunSpec:
             raise ValueError(f"RunSpec.lr must be a finite number > 0, got {self.lr!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"RunSpec.steps must be a positive int, got {self.steps!r}")
+        for name in ("seed", "batch_size", "seq_len"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"RunSpec.{name} must be an int, got {getattr(self, name)!r}")
+        clash = {"steps", "seed", "batch_size", "seq_len", "eval_every", "eval_batches"} & set(self.train_settings)
+        if clash:
+            raise ValueError(f"RunSpec.train must not set {sorted(clash)}: they are RunSpec fields")
 
     # -- derived
     @property
@@ -164,24 +179,43 @@ class RunSpec:
         return _thaw(self.train)
 
     @property
+    def batch_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def name(self) -> str:
         if self.label:
             return self.label
         tau = f" tau={self.tau:g}" if self.optimizer == "muonclip" else ""
         return f"{self.optimizer}{tau} lr={self.lr:g}"
 
+    def get(self, name: str, default=None):
+        """A setting by name: a field, else a train() setting, else a config override, else `default`."""
+        if name in {f.name for f in dataclasses.fields(self)}:
+            return getattr(self, name)
+        return self.train_settings.get(name, self.config_overrides.get(name, default))
+
     def settings(self) -> dict:
         """The settings that decide the numbers, as plain JSON-able data (no label)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "label"}
         d["config"] = self.config_overrides
         d["train"] = self.train_settings
+        d["data_seed"] = self.batch_seed
         if self.optimizer != "muonclip":
             d["tau"] = None  # tau does not change an adamw or muon run
         return d
 
+    @classmethod
+    def from_settings(cls, settings: dict, label: str = "") -> "RunSpec":
+        """The inverse of `settings()`."""
+        s = dict(settings)
+        if s.get("tau") is None:
+            s["tau"] = cls.tau
+        return cls(**s, label=label)
+
     def key(self) -> str:
-        """Hash of settings + k2mini version + library source digest (24 hex digits)."""
-        payload = {"settings": self.settings(), "version": _library_version(), "digest": library_digest(),
+        """Hash of the settings, the torch version and the training code's digest (24 hex digits)."""
+        payload = {"settings": self.settings(), "torch": torch.__version__, "code": training_code_digest(),
                    "format": _FORMAT}
         blob = json.dumps(payload, sort_keys=True, default=_json_default).encode()
         return hashlib.sha256(blob).hexdigest()[:24]
@@ -192,6 +226,10 @@ class RunSpec:
         return K2Config.preset(self.preset).replace(**self.config_overrides)
 
     def replace(self, **changes) -> "RunSpec":
+        """A copy with fields changed; ``train=`` and ``config=`` dicts are merged into the current ones."""
+        for name, current in (("train", self.train_settings), ("config", self.config_overrides)):
+            if isinstance(changes.get(name), dict):
+                changes[name] = {**current, **changes[name]}
         return dataclasses.replace(self, **changes)
 
 
@@ -218,12 +256,15 @@ def _thaw(value):
 def _json_default(o):
     if isinstance(o, tuple):
         return list(o)
+    if isinstance(o, np.generic):
+        return o.item()
     raise TypeError(f"not JSON-serializable: {type(o).__name__}")
 
 
 @dataclass
 class RunResult:
-    """A finished run: its spec, history (a DataFrame, one row per step) and how it ended."""
+    """A finished run: its spec, history (a DataFrame, one row per step), per-step expert loads,
+    how it ended, its cost, and its trained weights (`model` rebuilds the model from them)."""
 
     spec: RunSpec
     history: Any  # pandas.DataFrame
@@ -231,12 +272,29 @@ class RunResult:
     stop_reason: str
     total_heads: int
     wall_s: float
+    cpu_s: float = 0.0
+    loads: np.ndarray | None = None  # (logged steps, MoE layers, experts) int64
     machine: dict = field(default_factory=dict)
     from_cache: bool = False
+    state: dict | None = field(default=None, repr=False)  # trained weights, or None
+    state_path: Path | None = field(default=None, repr=False)  # ... or where the cache keeps them
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def model(self):
+        """The trained model (eval mode), rebuilt from the weights; None when they were not kept."""
+        if self.state is None and self.state_path is not None:
+            self.state = torch.load(self.state_path, map_location="cpu", weights_only=True)["state"]
+        if self.state is None:
+            return None
+        from ..model import K2ForCausalLM
+
+        model = K2ForCausalLM(self.spec.model_config())
+        model.load_state_dict(self.state)
+        return model.eval()
 
     def final_val_loss(self) -> float:
         """The last validation loss (NaN when the run diverged before its last evaluation)."""
@@ -250,52 +308,48 @@ class RunResult:
         ml = ml[ml.map(math.isfinite)]
         return float(ml.max()) if len(ml) else float("nan")
 
-    def to_json(self) -> dict:
+    def to_json(self, history=None) -> dict:
         return {
             "format": _FORMAT,
             "key": self.spec.key(),
             "spec": self.spec.settings(),
             "label": self.spec.label,
-            "k2mini_version": _library_version(),
-            "library_digest": library_digest(),
+            "training_code": training_code_digest(),
             "diverged": self.diverged,
             "stop_reason": self.stop_reason,
             "total_heads": self.total_heads,
             "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
             "machine": self.machine,
-            "history": _frame_to_columns(self.history),
+            "history": frame_to_columns(self.history if history is None else history),
         }
 
     @classmethod
     def from_json(cls, d: dict, from_cache: bool = False) -> "RunResult":
-        spec = RunSpec(**{**d["spec"], "tau": d["spec"]["tau"] if d["spec"]["tau"] is not None else 100.0,
-                          "label": d.get("label", "")})
-        return cls(spec=spec, history=_columns_to_frame(d["history"]), diverged=bool(d["diverged"]),
-                   stop_reason=d["stop_reason"], total_heads=int(d["total_heads"]), wall_s=float(d["wall_s"]),
-                   machine=d.get("machine", {}), from_cache=from_cache)
+        return cls(spec=RunSpec.from_settings(d["spec"], d.get("label", "")), history=columns_to_frame(d["history"]),
+                   diverged=bool(d["diverged"]), stop_reason=d["stop_reason"], total_heads=int(d["total_heads"]),
+                   wall_s=float(d["wall_s"]), cpu_s=float(d.get("cpu_s", 0.0)), machine=d.get("machine", {}),
+                   from_cache=from_cache)
 
 
-def _frame_to_columns(df) -> dict:
+def frame_to_columns(df) -> dict:
+    """A history DataFrame as JSON-able columns (non-finite numbers as null)."""
     out = {}
     for col in df.columns:
-        if col == "load":  # per-expert loads: large, and not what these experiments look at
-            continue
         values = df[col].tolist()
         out[col] = [None if (isinstance(v, float) and not math.isfinite(v)) else v for v in values]
     return out
 
 
-def _columns_to_frame(cols: dict):
+def columns_to_frame(cols: dict):
     import pandas as pd
 
-    frame = {}
-    for k, v in cols.items():
-        frame[k] = pd.to_numeric(pd.Series([float("nan") if x is None else x for x in v], dtype="float64"))
+    frame = {k: pd.to_numeric(pd.Series([float("nan") if x is None else x for x in v], dtype="float64"))
+             for k, v in cols.items()}
     df = pd.DataFrame(frame)
-    if "step" in df:
-        df["step"] = df["step"].astype("int64")
-    if "tokens" in df:
-        df["tokens"] = df["tokens"].astype("int64")
+    for c in ("step", "tokens"):
+        if c in df:
+            df[c] = df[c].astype("int64")
     return df
 
 
@@ -304,7 +358,8 @@ def _columns_to_frame(cols: dict):
 
 
 class RunCache:
-    """Finished runs as one JSON file each, named by `RunSpec.key()`; writes are atomic."""
+    """Finished runs, named by `RunSpec.key()`: `<key>.pt` (weights and loads), then `<key>.json`
+    (spec, history, how it ended); both written atomically, the JSON last."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else default_cache_dir()
@@ -317,36 +372,45 @@ class RunCache:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
+            tensors = torch.load(path.with_suffix(".pt"), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            warnings.warn(f"{path}: unreadable cache entry, ignoring it (it will be recomputed)", stacklevel=2)
+        except Exception as e:  # damaged entry: recompute it
+            warnings.warn(f"{path}: unreadable cache entry ({type(e).__name__}), it will be recomputed", stacklevel=2)
             return None
         if d.get("key") != spec.key():
             return None
         result = RunResult.from_json(d, from_cache=True)
         result.spec = spec  # keep the caller's label
+        result.loads = None if tensors.get("loads") is None else tensors["loads"].numpy()
+        result.state_path = path.with_suffix(".pt")
         return result
 
     def put(self, result: RunResult) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(result.spec)
-        _write_json_atomic(path, result.to_json())
+        loads = None if result.loads is None else torch.from_numpy(np.ascontiguousarray(result.loads))
+        with atomic_write(path.with_suffix(".pt"), "wb") as f:
+            torch.save({"state": result.state, "loads": loads}, f)
+        write_json(path, result.to_json())
         return path
 
     def __contains__(self, spec: RunSpec) -> bool:
         return self.path(spec).is_file()
 
     def clear(self) -> int:
+        """Delete every entry; returns how many there were."""
         n = 0
         for p in self.directory.glob("*.json"):
+            p.with_suffix(".pt").unlink(missing_ok=True)
             p.unlink()
             n += 1
         return n
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    with atomic_write(path, "w") as f:  # a reader sees the old file or the new one, never half of one
+def write_json(path: Path, obj) -> None:
+    """JSON, atomically: a reader sees the old file or the new one, never half of one."""
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, allow_nan=False, separators=(",", ":"), default=_json_default)
 
 
@@ -417,28 +481,36 @@ class _Watch:
         gamma = getattr(self.optimizer, "last_gamma", None)
         if gamma is None or not bool((gamma < 1).any()):
             return
-        x, _ = self.data.batch_for_step("train", step, self.spec.batch_size, self.spec.seq_len, seed=self.spec.data_seed)
+        x, _ = self.data.batch_for_step("train", step, self.spec.batch_size, self.spec.seq_len, seed=self.spec.batch_seed)
         x = x.to(next(self.model.parameters()).device)
         after = self.model(x, telemetry=True).telemetry.max_logits.float().cpu()  # (layers, heads)
         row["post_clip_max_logit"] = float(after.max())
         row["post_clip_max_logit_clipped"] = float(after[(gamma < 1).cpu()].max())
 
 
+def build_model(spec: RunSpec):
+    """The run's freshly initialized model: its weights depend only on (model config, seed)."""
+    from ..model import K2ForCausalLM
+
+    model = K2ForCausalLM(spec.model_config())
+    model.reset_parameters(torch.Generator().manual_seed(spec.seed))
+    return model
+
+
 def run_one(spec: RunSpec, data=None, *, progress: bool = False) -> RunResult:
     """Train one run as `spec` says (no cache); `data` is a TokenDataset or PreparedBatches."""
-    from ..model import K2ForCausalLM
+    from .. import train
     from ..optim import NonFiniteGradientError, build_optimizer
-    from ..train import train
 
-    data = data if data is not None else PreparedBatches(_dataset(spec.corpus), spec.batch_size, spec.seq_len, spec.data_seed)
-    torch.manual_seed(spec.seed)
-    model = K2ForCausalLM(spec.model_config())
+    if data is None:
+        data = PreparedBatches(_dataset(spec.corpus), spec.batch_size, spec.seq_len, spec.batch_seed)
+    model = build_model(spec)
     opt = build_optimizer(model, spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, tau=spec.tau)
     watch = _Watch(model, opt, data, spec)
-    settings = dict(batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.data_seed,
+    settings = dict(batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.batch_seed,
                     eval_every=spec.eval_every, eval_batches=spec.eval_batches)
     settings.update(spec.train_settings)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a diverged run is a result here, not a surprise
         try:
@@ -450,17 +522,27 @@ def run_one(spec: RunSpec, data=None, *, progress: bool = False) -> RunResult:
             import pandas as pd
 
             history = pd.DataFrame(watch.rows)
-            step = len(watch.rows)
-            history.attrs.update(stop_reason=f"non-finite gradient or logit at step {step}", diverged=True)
-    wall = time.perf_counter() - t0
+            history.attrs.update(stop_reason=f"non-finite gradient or logit at step {len(watch.rows)}", diverged=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    loads = None
+    if "load" in history:
+        got = [v for v in history["load"] if v is not None]
+        loads = np.stack([np.asarray(v, dtype=np.int64) for v in got]) if got else None
+        history = history.drop(columns="load")
     for col in CLIP_COLUMNS:
         if spec.optimizer == "muonclip" and col not in history:
             history[col] = float("nan")
     c = model.config
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return RunResult(spec=spec, history=history, diverged=bool(history.attrs.get("diverged", False)),
                      stop_reason=str(history.attrs.get("stop_reason", "")),
-                     total_heads=c.num_hidden_layers * c.num_attention_heads, wall_s=wall,
-                     machine=machine_description())
+                     total_heads=c.num_hidden_layers * c.num_attention_heads, wall_s=wall, cpu_s=cpu, loads=loads,
+                     machine=machine_description(), state=state)
+
+
+def _run_in_worker(spec: RunSpec) -> RunResult:
+    torch.set_num_threads(1)
+    return run_one(spec)
 
 
 def run_sweep(
@@ -468,217 +550,48 @@ def run_sweep(
     *,
     cache: RunCache | str | os.PathLike | None | bool = None,
     data=None,
-    progress: bool = False,
+    progress: bool = True,
     refresh: bool = False,
+    jobs: int = 1,
 ) -> list[RunResult]:
     """Run every spec (or take it from the cache), in order; return their RunResults.
 
     cache: a RunCache, a folder, None for `default_cache_dir()`, or False for no caching.
     data: a TokenDataset to use instead of `spec.corpus` (its batches are prepared once per shape).
     refresh: recompute and overwrite cached runs.
-    progress: one line per run (and train()'s bar) when True.
+    progress: a bar over the runs (tqdm.auto).
+    jobs: > 1 trains the uncached runs in that many processes of one thread each (not with `data`).
     """
+    from tqdm.auto import tqdm
+
     specs = list(specs)
-    if cache is False:
-        store = None
-    elif isinstance(cache, RunCache):
-        store = cache
+    store = None if cache is False else cache if isinstance(cache, RunCache) else RunCache(cache)
+    results: list[RunResult | None] = [None if (store is None or refresh) else store.get(s) for s in specs]
+    todo = [i for i, r in enumerate(results) if r is None]
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", disable=not progress)
+    if jobs > 1 and len(todo) > 1:
+        if data is not None:
+            raise ValueError("run_sweep: jobs > 1 trains on each spec's corpus; pass data=None")
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
+            for i, result in zip(todo, pool.imap(_run_in_worker, [specs[i] for i in todo])):
+                results[i] = _finish(result, store, bar)
     else:
-        store = RunCache(cache)
-    prepared: dict[tuple, PreparedBatches] = {}
-    results = []
-    for i, spec in enumerate(specs):
-        hit = None if (store is None or refresh) else store.get(spec)
-        if hit is not None:
-            results.append(hit)
-            if progress:
-                print(f"[{i + 1}/{len(specs)}] {spec.name}: cached")
-            continue
-        base = data if data is not None else _dataset(spec.corpus)
-        shape = (id(base), spec.batch_size, spec.seq_len, spec.data_seed)
-        if shape not in prepared:
-            prepared[shape] = PreparedBatches(base, spec.batch_size, spec.seq_len, spec.data_seed)
-        result = run_one(spec, prepared[shape], progress=progress)
-        if store is not None:
-            store.put(result)
-        if progress:
-            print(f"[{i + 1}/{len(specs)}] {spec.name}: {result.wall_s:.1f} s"
-                  + (f", {result.stop_reason}" if result.diverged else ""))
-        results.append(result)
+        prepared: dict[tuple, PreparedBatches] = {}
+        for i in todo:
+            spec = specs[i]
+            base = data if data is not None else _dataset(spec.corpus)
+            shape = (id(base), spec.batch_size, spec.seq_len, spec.batch_seed)
+            if shape not in prepared:
+                prepared[shape] = PreparedBatches(base, spec.batch_size, spec.seq_len, spec.batch_seed)
+            results[i] = _finish(run_one(spec, prepared[shape]), store, bar)
+    bar.close()
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# Tables and records
-
-
-def summarize(results: Sequence[RunResult], tail: int = 20):
-    """One row per run: optimizer, lr, tau, peak max logit, final max logit (mean of the last `tail`
-    steps), final train/val loss, diverged, share of heads ever clipped, last step that clipped, and
-    the worst post-clip max logit over tau (MuonClip)."""
-    import pandas as pd
-
-    rows = []
-    for r in results:
-        h, s = r.history, r.spec
-        finite = h[h["train_loss"].map(lambda v: math.isfinite(v))] if len(h) else h
-        row = {
-            "run": r.name,
-            "group": optimizer_group(s),
-            "optimizer": s.optimizer,
-            "lr": s.lr,
-            "tau": s.tau if s.optimizer == "muonclip" else float("nan"),
-            "weight_decay": s.weight_decay,
-            "steps": s.steps,
-            "peak_max_logit": r.peak_max_logit(),
-            "final_max_logit": float(finite["max_logit"].tail(tail).mean()) if "max_logit" in finite and len(finite) else float("nan"),
-            "final_train_loss": float(finite["train_loss"].tail(tail).mean()) if len(finite) else float("nan"),
-            "final_val_loss": r.final_val_loss(),
-            "diverged": r.diverged,
-        }
-        if s.optimizer == "muonclip":
-            clipped = h.get("qk_clip/heads_clipped")
-            ever = h.get("qk_clip/frac_heads_ever_clipped")
-            row["frac_heads_ever_clipped"] = float(ever.dropna().iloc[-1]) if ever is not None and ever.notna().any() else 0.0
-            active = h["step"][clipped > 0] if clipped is not None else h["step"][:0]
-            row["last_clip_step"] = int(active.max()) if len(active) else -1
-            row["clip_steps"] = int(len(active))
-            post = h.get("post_clip_max_logit")
-            row["worst_post_clip_over_tau"] = (float(post.max() / s.tau) if post is not None and post.notna().any()
-                                               else float("nan"))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def thin_history(history, max_points: int = 250, columns: Sequence[str] | None = None):
-    """At most `max_points` rows: consecutive chunks of k steps, each summarized by its last step, the
-    max of the max-logit columns (so no spike is lost), the mean of the other per-step figures and the
-    last value of val_loss, tokens, lr and the running clip share."""
-    cols = [c for c in (columns or history.columns) if c in history.columns]
-    n = len(history)
-    k = max(1, math.ceil(n / max_points))
-    if k == 1:
-        return history[cols].reset_index(drop=True)
-    chunk = np.arange(n) // k
-    last = ("step", "tokens", "lr", "qk_clip/frac_heads_ever_clipped", "wall_time")
-    agg = {}
-    for c in cols:
-        if c == "val_loss":
-            agg[c] = "last"  # groupby's last skips NaN: the chunk's latest evaluation
-        elif c in last:
-            agg[c] = "last"
-        elif "max_logit" in c:
-            agg[c] = "max"
-        else:
-            agg[c] = "mean"
-    return history[cols].groupby(chunk).agg(agg).reset_index(drop=True)
-
-
-RECORD_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "max_logit", "qk_clip/heads_clipped",
-                  "qk_clip/frac_heads_ever_clipped", "post_clip_max_logit", "post_clip_max_logit_clipped")
-
-
-def write_record(path: str | os.PathLike, results: Sequence[RunResult], *, command: str | None = None,
-                 note: str = "", max_points: int = 250) -> Path:
-    """A small committed record of a sweep: the command and machine, each run's spec, summary and a
-    thinned history (the columns the notebooks plot). Written atomically."""
-    command = command if command is not None else " ".join([Path(sys.executable).name] + sys.argv)
-    summary = summarize(results)
-    runs = []
-    for r, (_, srow) in zip(results, summary.iterrows()):
-        d = r.to_json()
-        d["history"] = _frame_to_columns(thin_history(r.history, max_points, RECORD_COLUMNS))
-        d["summary"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else
-                            (v.item() if hasattr(v, "item") else v)) for k, v in srow.items()}
-        runs.append(d)
-    record = {"format": _FORMAT, "command": command, "note": note, "machine": machine_description(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "k2mini_version": _library_version(),
-              "library_digest": library_digest(), "runs": runs}
-    _write_json_atomic(Path(path), record)
-    return Path(path)
-
-
-def read_record(path: str | os.PathLike) -> tuple[dict, list[RunResult]]:
-    """(metadata, runs) of a record written by `write_record`; histories are the thinned ones."""
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    import pandas as pd
-
-    runs = [RunResult.from_json(d, from_cache=True) for d in record["runs"]]
-    meta = {k: v for k, v in record.items() if k != "runs"}
-    # the summaries were computed from the full histories; the stored histories are thinned
-    meta["summary"] = pd.DataFrame([{k: (float("nan") if v is None else v) for k, v in d["summary"].items()}
-                                    for d in record["runs"]])
-    return meta, runs
-
-
-def optimizer_group(spec) -> str:
-    """'adamw', 'muon' or 'muonclip tau=30': what runs are grouped, compared and coloured by."""
-    if spec.optimizer == "muonclip":
-        return f"muonclip tau={spec.tau:g}"
-    return spec.optimizer
-
-
-def best_runs(results: Sequence[RunResult]) -> list[RunResult]:
-    """Per optimizer group (in order of appearance), the finished run with the lowest final val loss."""
-    best: dict[str, RunResult] = {}
-    for r in results:
-        loss = r.final_val_loss()
-        if r.diverged or not math.isfinite(loss):
-            continue
-        g = optimizer_group(r.spec)
-        if g not in best or loss < best[g].final_val_loss():
-            best[g] = r
-    order = list(dict.fromkeys(optimizer_group(r.spec) for r in results))
-    return [best[g] for g in order if g in best]
-
-
-def tokens_to_reach(result: RunResult, loss: float) -> float:
-    """Training tokens after which the run's validation loss first reaches `loss` (linear interpolation
-    between evaluations; the first evaluation counts as reached if it is already below); NaN if never."""
-    v = result.history[["tokens", "val_loss"]].dropna()
-    if not len(v):
-        return float("nan")
-    tok, val = v["tokens"].to_numpy(dtype=float), v["val_loss"].to_numpy(dtype=float)
-    if val[0] <= loss:
-        return float(tok[0])
-    for i in range(1, len(val)):
-        if val[i] <= loss:
-            t = (val[i - 1] - loss) / (val[i - 1] - val[i])
-            return float(tok[i - 1] + t * (tok[i] - tok[i - 1]))
-    return float("nan")
-
-
-def significant(x: float, digits: int = 2) -> str:
-    """x rounded to `digits` significant digits, as a plain decimal string ("-" for NaN or None)."""
-    if x is None or not math.isfinite(x):
-        return "-"
-    if x == 0:
-        return "0"
-    rounded = round(x, -int(math.floor(math.log10(abs(x)))) + digits - 1)
-    return f"{rounded:.{max(0, digits - 1 - int(math.floor(math.log10(abs(rounded)))))}f}"
-
-
-def format_summary(table, *, logit_digits: int = 2, loss_decimals: int = 2, columns: Sequence[str] | None = None):
-    """`summarize(...)` rounded to what reproduces across machines: logits to `logit_digits` significant
-    digits, losses to `loss_decimals` decimals, shares to 2 decimals; returns a DataFrame of strings."""
-    import pandas as pd
-
-    cols = list(columns or [c for c in ("group", "lr", "peak_max_logit", "final_max_logit", "final_val_loss",
-                                        "diverged", "frac_heads_ever_clipped", "last_clip_step") if c in table])
-    out = pd.DataFrame(index=table.index)
-    for c in cols:
-        col = table[c]
-        if "max_logit" in c:
-            out[c] = [significant(float(v), logit_digits) for v in col]
-        elif "loss" in c:
-            out[c] = ["-" if not math.isfinite(float(v)) else f"{float(v):.{loss_decimals}f}" for v in col]
-        elif c.startswith("frac") or c.startswith("share"):
-            out[c] = ["-" if not math.isfinite(float(v)) else f"{float(v):.2f}" for v in col]
-        elif c == "lr":
-            out[c] = [f"{float(v):g}" for v in col]
-        elif c == "last_clip_step":
-            out[c] = ["-" if not math.isfinite(float(v)) else ("never" if v < 0 else str(int(v))) for v in col]
-        else:
-            out[c] = col.astype(str) if col.dtype == bool else col
-    return out.reset_index(drop=True)
+def _finish(result: RunResult, store: RunCache | None, bar) -> RunResult:
+    if store is not None:
+        store.put(result)
+    bar.update(1)
+    return result

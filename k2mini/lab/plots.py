@@ -18,6 +18,10 @@ from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter
 
+from .palette import colors
+
+_palette = colors  # the functions below take a `colors=` argument that shadows the name
+
 __all__ = [
     "plot_router_scores",
     "plot_maxvio",
@@ -27,14 +31,8 @@ __all__ = [
     "plot_seed_errorbars",
     "plot_loss_vs_sparsity",
     "plot_param_counts",
-    "method_colors",
+    "colors",
 ]
-
-
-def method_colors(labels: Sequence[str]) -> dict[str, tuple]:
-    """A stable colour per label (tab10, in the order given)."""
-    palette = sns.color_palette("tab10", max(10, len(labels)))
-    return {label: palette[i] for i, label in enumerate(labels)}
 
 
 def _ax(ax, figsize):
@@ -90,7 +88,7 @@ def plot_maxvio(runs, *, column: str = "maxvio", smooth: int = 10, ax=None, logy
     smooth: rolling-mean window in logged steps (1 = raw). Returns the Axes.
     """
     runs = _as_runs(runs)
-    colors = colors or method_colors(list(runs))
+    colors = colors or _palette(list(runs))
     ax = _ax(ax, (7, 3.6))
     for label, hs in runs.items():
         x = hs[0]["step"].to_numpy()
@@ -110,7 +108,7 @@ def plot_maxvio(runs, *, column: str = "maxvio", smooth: int = 10, ax=None, logy
 def plot_val_loss(runs, *, ax=None, colors=None, title=None):
     """Validation loss at the evaluation steps, one line per label (mean over seeds, band = spread)."""
     runs = _as_runs(runs)
-    colors = colors or method_colors(list(runs))
+    colors = colors or _palette(list(runs))
     ax = _ax(ax, (6, 3.6))
     for label, hs in runs.items():
         evals = [h.dropna(subset=["val_loss"]) for h in hs]
@@ -198,7 +196,7 @@ def plot_seed_errorbars(table: pd.DataFrame, x: str, y: str, *, hue: str | None 
     every seed as a dot. table: one row per run. logx: log base of the x axis (None = linear)."""
     ax = _ax(ax, (6, 3.6))
     groups = [(None, table)] if hue is None else list(table.groupby(hue, sort=False))
-    colors = colors or method_colors([str(g) for g, _ in groups])
+    colors = colors or _palette([str(g) for g, _ in groups])
     for g, df in groups:
         color = colors[str(g)]
         stats = df.groupby(x)[y].agg(["mean", "min", "max"]).sort_index()

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import colors as mcolors
 
-from .experiments import optimizer_group
+from .palette import colors
+from .stability import optimizer_group
 
 __all__ = [
     "group_color",
@@ -27,10 +28,6 @@ __all__ = [
     "plot_loss_at_tokens",
 ]
 
-_BASE = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green"}
-_CLIP_EXTRA = ["tab:olive", "tab:cyan", "tab:purple", "tab:brown"]
-
-
 def _groups(results) -> list[str]:
     seen = []
     for r in results:
@@ -40,13 +37,9 @@ def _groups(results) -> list[str]:
     return seen
 
 
-def group_color(group: str, all_groups: Sequence[str] = ()) -> str:
-    """A base colour per group; a second muonclip tau gets a colour of its own."""
-    if not group.startswith("muonclip"):
-        return _BASE.get(group, "tab:gray")
-    clips = [g for g in all_groups if g.startswith("muonclip")] or [group]
-    i = clips.index(group) if group in clips else 0
-    return _BASE["muonclip"] if i == 0 else _CLIP_EXTRA[(i - 1) % len(_CLIP_EXTRA)]
+def group_color(group: str, all_groups: Sequence[str] = ()) -> tuple:
+    """The palette's colour of an optimizer group, among `all_groups` (a second muonclip tau differs)."""
+    return colors(list(all_groups) + [group])[group]
 
 
 def run_color(result, results) -> tuple:
