@@ -328,8 +328,12 @@ class RunResult:
     def from_json(cls, d: dict, from_cache: bool = False) -> "RunResult":
         return cls(spec=RunSpec.from_settings(d["spec"], d.get("label", "")), history=columns_to_frame(d["history"]),
                    diverged=bool(d["diverged"]), stop_reason=d["stop_reason"], total_heads=int(d["total_heads"]),
-                   wall_s=float(d["wall_s"]), cpu_s=float(d.get("cpu_s", 0.0)), machine=d.get("machine", {}),
+                   wall_s=_float(d.get("wall_s")), cpu_s=_float(d.get("cpu_s")), machine=d.get("machine", {}),
                    from_cache=from_cache)
+
+
+def _float(v) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def frame_to_columns(df) -> dict:
