@@ -5,7 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.k2mini-installed
-CORPUS := data/shakespeare/.complete
+# Where k2mini finds its data (corpora, cached runs), for every command below, whatever its working
+# directory (the notebooks run in notebooks/). Without it k2mini looks for the checkout from the cwd.
+export K2MINI_DATA := $(CURDIR)/data
+CORPUS := $(K2MINI_DATA)/shakespeare/.complete
 
 .PHONY: lab test setup corpus pytest nbval bench clean-venv
 
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 corpus: $(CORPUS)
 
 $(CORPUS): | $(STAMP)
-	$(PY) -c "from k2mini.data import main; raise SystemExit(main(['fetch']))"
+	$(PY) -m k2mini.data fetch
 
 # Jupyter refuses to run as root unless told; containers often are root. LAB_ARGS adds options
 # (e.g. LAB_ARGS="--no-browser --ip 0.0.0.0 --port 8888").
