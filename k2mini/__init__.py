@@ -12,8 +12,7 @@ from .config import K2Config
 from .model import CausalLMOutput, K2ForCausalLM, KVCache, RouterRecord, Telemetry
 from .checkpoint import CheckpointError, CheckpointReader, NetworkError, load_pretrained, save_pretrained
 from .data import ByteTokenizer, Corpus, TokenDataset, fetch_corpus, load_corpus, make_dataset
-from .train import NonFiniteLossError, TrainConfig
-from .train import train  # the function shadows the module's name on purpose: `k2mini.train(...)`
+from .training import NonFiniteLossError, TrainConfig, train  # `k2mini.train(...)`; the module is k2mini.training
 
 __all__ = [
     "K2Config",

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 import k2mini
 from k2mini import K2Config, K2ForCausalLM
-from k2mini.train import train
+from k2mini.training import train
 
 
 def run(corpus_path: str, out_path: str, kind: str):

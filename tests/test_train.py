@@ -1,5 +1,6 @@
 """Training loop: determinism, resume, balancing in the loop, non-finite handling, 2-process DDP."""
 
+import dataclasses
 import os
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 import k2mini
 from k2mini import K2Config, K2ForCausalLM
-from k2mini.train import NonFiniteLossError, TrainConfig, lr_factor, train
+from k2mini.optim import TakesMaxLogits, build_optimizer
+from k2mini.training import NonFiniteLossError, TrainConfig, lr_factor, train
 
 TEXT = ("To be, or not to be, that is the question:\n" * 40 + "def f(x):\n    return x * 2\n" * 40) * 3
 
@@ -137,3 +139,28 @@ def test_bad_settings():
         TrainConfig(steps=1, balancing="magic")
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(steps=1, schedule="linear")
+
+
+def test_optimizers_that_take_max_logits_get_them(data):
+    seen = []
+
+    class Recording(torch.optim.AdamW, TakesMaxLogits):
+        def step(self, closure=None, *, max_logits=None):
+            seen.append(max_logits)
+            return super().step(closure)
+
+    m = fresh()
+    train(m, data, Recording(m.parameters(), lr=1e-3), 2, **SETTINGS)
+    c = m.config
+    assert len(seen) == 2 and all(t.shape == (c.num_hidden_layers, c.num_attention_heads) for t in seen)
+    assert all(isinstance(build_optimizer(m, kind, lr=1e-3), TakesMaxLogits) for kind in ("muonclip", "muon", "adamw"))
+    assert not isinstance(adamw(m), TakesMaxLogits)  # gets a plain step()
+
+
+def test_the_module_is_not_shadowed_by_the_function():
+    import inspect
+
+    import k2mini.training
+
+    assert inspect.ismodule(k2mini.training) and k2mini.train is k2mini.training.train
+    assert "extra" not in {f.name for f in dataclasses.fields(TrainConfig)}

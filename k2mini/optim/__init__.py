@@ -8,6 +8,7 @@
 """
 
 from .groups import KINDS, MuonAdamW, MuonClip, build_optimizer, split_parameters
+from .max_logits import TakesMaxLogits
 from .muon import Muon, NonFiniteGradientError, adjusted_lr
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz, ns_singular_value_map
 from .qk_clip import attention_modules, clip_factors, qk_clip_
@@ -20,6 +21,7 @@ __all__ = [
     "build_optimizer",
     "split_parameters",
     "KINDS",
+    "TakesMaxLogits",
     "newton_schulz",
     "ns_singular_value_map",
     "NS_COEFFICIENTS",

@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as adamw_functional
 
+from .max_logits import TakesMaxLogits, max_logit_metrics
 from .muon import Muon, adjusted_lr  # noqa: F401  (adjusted_lr re-exported for notebooks)
 from .qk_clip import attention_modules, check_max_logits, check_tau, qk_clip_
 
@@ -64,7 +65,7 @@ def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     return roles
 
 
-class MuonAdamW(Muon):
+class MuonAdamW(Muon, TakesMaxLogits):
     """One ``torch.optim.Optimizer``: groups with ``use_muon=True`` take Muon steps, the others AdamW.
 
     The AdamW math is torch's own (``torch.optim.adamw.adamw``, the functional form ``torch.optim.AdamW``
@@ -74,7 +75,8 @@ class MuonAdamW(Muon):
 
     Every param group must say ``use_muon``; Muon groups default to the Muon arguments below, AdamW
     groups to ``betas`` and ``adamw_eps``. ``step(max_logits=...)`` is accepted so a training loop can
-    pass the model's telemetry whatever the kind: here it is only recorded (``max_logit/...`` metrics).
+    pass the model's telemetry whatever the kind (it is a ``TakesMaxLogits``): here it is only recorded
+    (``max_logit/...`` metrics).
     """
 
     _PICKLED_ATTRS = Muon._PICKLED_ATTRS + ("_kind_defaults",)
@@ -138,7 +140,7 @@ class MuonAdamW(Muon):
     def step(self, closure: Callable[[], Any] | None = None, *, max_logits: torch.Tensor | None = None) -> Any:
         loss = self._take_step(closure)
         if max_logits is not None:
-            self._pending_metrics.update(_max_logit_metrics(max_logits.detach()))
+            self._pending_metrics.update(max_logit_metrics(max_logits.detach()))
         return loss
 
     def _group_step(self, group, params, grads) -> torch.Tensor:
@@ -208,7 +210,7 @@ class MuonClip(MuonAdamW):
             )
         max_logits = check_max_logits(self.model, max_logits)
         loss = self._take_step(closure)
-        self._pending_metrics.update(_max_logit_metrics(max_logits))
+        self._pending_metrics.update(max_logit_metrics(max_logits))
         gamma = qk_clip_(self.model, max_logits, self.tau)
         clipped = (gamma < 1).cpu()
         self.clip_counts += clipped
@@ -234,13 +236,6 @@ class MuonClip(MuonAdamW):
                 )
             self.tau = float(clip["tau"])
             self.clip_counts = clip["clip_counts"].clone().to(torch.int64)
-
-
-def _max_logit_metrics(max_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    per_layer = max_logits.float().amax(dim=1)
-    metrics = {"max_logit": per_layer.max()}
-    metrics.update({f"max_logit/layer{l}": v for l, v in enumerate(per_layer.unbind())})
-    return metrics
 
 
 def build_optimizer(

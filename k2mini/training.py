@@ -1,0 +1,416 @@
+"""The training loop: deterministic batches, balancing, MuonClip, and a history of what MoE people watch.
+
+`train(model, data, optimizer, steps)` returns a pandas DataFrame with one row per logged step. Runs are
+deterministic given a seed on a given machine (batches are a function of (seed, step)), checkpoint
+atomically, resume to the same numbers, and stop cleanly on a non-finite loss.
+Under `torchrun` (torch.distributed initialized) each rank takes its share of every global batch and
+gradients are averaged by DistributedDataParallel; router loads and max logits are reduced across ranks
+so the correction-bias update and QK-Clip are identical everywhere.
+
+Read top to bottom: the settings (`TrainConfig`, `lr_factor`), one training step (`train_step`),
+evaluation (`evaluate`), the history row (`history_row`), checkpoints (`save_checkpoint`,
+`resume_from`), and `train`, which strings them together.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write
+from .balance import METHODS, loss_free_update, max_violation, sequence_aux_loss, switch_aux_loss
+from .optim.max_logits import TakesMaxLogits
+
+__all__ = [
+    "train",
+    "TrainConfig",
+    "NonFiniteLossError",
+    "lr_factor",
+    "train_step",
+    "StepResult",
+    "evaluate",
+    "history_row",
+    "save_checkpoint",
+    "resume_from",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised (with on_nonfinite="raise") when the training loss stops being finite."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int = 16  # global, across ranks
+    seq_len: int = 128
+    seed: int = 0
+    balancing: str = "loss_free"
+    bias_update_speed: float = 1e-3  # u of the loss-free rule
+    aux_alpha: float = 1e-2  # Switch/GShard auxiliary loss weight
+    seq_aux_alpha: float = 1e-4  # DeepSeek-V3's sequence-wise loss weight
+    schedule: str = "constant"  # or "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak lr
+    grad_clip: float | None = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    checkpoint_every: int | None = None
+
+    def __post_init__(self):
+        if self.balancing not in METHODS:
+            raise ValueError(f"balancing must be one of {METHODS}, got {self.balancing!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.steps < 0 or self.batch_size <= 0 or self.seq_len <= 0:
+            raise ValueError("steps must be >= 0, batch_size and seq_len > 0")
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether step `step` (0-based) ends with an evaluation: every eval_every steps and the last."""
+        return bool(self.eval_every) and ((step + 1) % self.eval_every == 0 or step + 1 == self.steps)
+
+    def logs_at(self, step: int) -> bool:
+        """Whether step `step` adds a history row: every log_every steps, at evaluations and the last."""
+        return (step + 1) % self.log_every == 0 or self.evaluates_at(step) or step + 1 == self.steps
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then constant or cosine decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step
+
+
+@dataclass
+class StepResult:
+    """What one step measured, reduced across ranks. Only `loss` is set when it was not finite (the
+    step then changed nothing)."""
+
+    loss: float  # mean next-token cross-entropy of the global batch
+    aux_loss: float = 0.0  # the balancing loss added to it (aux_loss / loss_free+seq_aux)
+    grad_norm: float = float("nan")  # before clipping
+    max_logits: torch.Tensor | None = None  # (layers, heads), max over ranks
+    loads: torch.Tensor | None = None  # (moe layers, E) token-slots, summed over ranks
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss)
+
+
+def _local_batch(data, step: int, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of step `step`'s global batch."""
+    rank, world = _world()
+    local = slice(rank * (cfg.batch_size // world), (rank + 1) * (cfg.batch_size // world))
+    x, y = data.batch_for_step("train", step, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    return x[local].to(device), y[local].to(device)
+
+
+def _balancing_loss(routers, cfg: TrainConfig, device) -> torch.Tensor:
+    """The auxiliary loss of the balancing method, averaged over MoE layers (zero for the others)."""
+    if cfg.balancing == "aux_loss":
+        return sum(switch_aux_loss(r.scores, r.indices, cfg.aux_alpha) for r in routers) / max(len(routers), 1)
+    if cfg.balancing == "loss_free+seq_aux":
+        return sum(sequence_aux_loss(r.scores, r.indices, cfg.seq_aux_alpha) for r in routers) / max(len(routers), 1)
+    return torch.zeros((), device=device)
+
+
+def _backward(model, optimizer, loss: torch.Tensor, grad_clip: float | None) -> float:
+    """Gradients of `loss` (averaged over ranks by DDP), clipped to `grad_clip`; the norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip is not None:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+
+
+def _optimizer_step(optimizer, max_logits: torch.Tensor) -> None:
+    if isinstance(optimizer, TakesMaxLogits):  # QK-Clip (MuonClip) needs them; MuonAdamW records them
+        optimizer.step(max_logits=max_logits)
+    else:
+        optimizer.step()
+
+
+@torch.no_grad()
+def _update_correction_biases(moe_layers, loads: torch.Tensor, speed: float) -> None:
+    """The loss-free rule on this step's loads, after the optimizer step."""
+    for layer, load in zip(moe_layers, loads):
+        bias = layer.mlp.gate.e_score_correction_bias
+        bias.copy_(loss_free_update(bias, load, speed))
+
+
+def train_step(model, net, optimizer, data, step: int, cfg: TrainConfig) -> StepResult:
+    """Step `step`: set the scheduled lr, forward this rank's share of the batch, and unless the loss
+    is non-finite, backward, clip, take the optimizer step and update the correction biases.
+    `net` is `model` or its DistributedDataParallel wrapper."""
+    world = _world()[1]
+    factor = lr_factor(step, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = g["peak_lr"] * factor
+    device = next(model.parameters()).device
+    x, y = _local_batch(data, step, cfg, device)
+
+    out = net(x, telemetry=True)
+    tel = out.telemetry
+    lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+    aux = _balancing_loss(tel.routers, cfg, device)
+    loss_value = _all_reduce(lm_loss.detach().clone()).item() / world
+    if not math.isfinite(loss_value):
+        return StepResult(loss=loss_value)
+
+    grad_norm = _backward(model, optimizer, lm_loss + aux, cfg.grad_clip)
+    max_logits = _all_reduce(tel.max_logits.detach().clone(), dist.ReduceOp.MAX if world > 1 else None)
+    loads = _all_reduce(tel.loads.detach().clone()) if tel.routers else None
+    _optimizer_step(optimizer, max_logits)
+    if cfg.balancing.startswith("loss_free") and loads is not None:
+        _update_correction_biases(model.moe_layers(), loads, cfg.bias_update_speed)
+    return StepResult(loss_value, float(aux.detach()), grad_norm, max_logits, loads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size: int, seq_len: int, max_batches: int) -> float:
+    """Mean next-token cross-entropy over a fixed set of validation batches."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for x, y in data.iter_val_batches(batch_size, seq_len, max_batches=max_batches):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).logits
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        n += y.numel()
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The history row
+
+
+def _optimizer_metrics(optimizer) -> dict:
+    m = getattr(optimizer, "last_metrics", None)
+    if not m:
+        return {}
+    out = {}
+    for k, v in dict(m).items():
+        if isinstance(v, torch.Tensor):
+            v = v.item() if v.numel() == 1 else None
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+    return out
+
+
+def history_row(step: int, result: StepResult, optimizer, moe_layers, cfg: TrainConfig) -> dict:
+    """One history row of a finite step (val_loss NaN and no wall_time yet: `train` fills them in).
+
+    Columns: step, tokens, lr, train_loss, aux_loss, val_loss, grad_norm, max_logit and max_logit_l{i}
+    per layer, maxvio (mean over MoE layers) and maxvio_l{i}, load ([moe_layers, E] token-slots),
+    heads_clipped (MuonClip), and the optimizer's other metrics (update_rms/...)."""
+    row = {
+        "step": step,
+        "tokens": (step + 1) * cfg.batch_size * cfg.seq_len,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": result.loss,
+        "aux_loss": result.aux_loss,
+        "val_loss": float("nan"),
+        "grad_norm": result.grad_norm,
+        "max_logit": float(result.max_logits.max()),
+    }
+    row.update({f"max_logit_l{i}": float(v) for i, v in enumerate(result.max_logits.amax(-1))})
+    if result.loads is not None:
+        vio = max_violation(result.loads)
+        row["maxvio"] = float(vio.mean())
+        row.update({f"maxvio_l{layer.index}": float(v) for layer, v in zip(moe_layers, vio)})
+        row["load"] = result.loads.to(torch.int64).cpu()
+    metrics = _optimizer_metrics(optimizer)
+    row["heads_clipped"] = metrics.get("qk_clip/heads_clipped", 0.0)
+    row.update({k: v for k, v in metrics.items() if not k.startswith("max_logit")})
+    return row
+
+
+def _nonfinite_row(step: int, loss: float, optimizer, cfg: TrainConfig, wall_time: float) -> dict:
+    return {"step": step, "tokens": (step + 1) * cfg.batch_size * cfg.seq_len,
+            "lr": optimizer.param_groups[0]["lr"], "train_loss": loss, "wall_time": wall_time}
+
+
+def _history_frame(rows: list[dict], cfg: TrainConfig, stop_reason: str, world: int):
+    import pandas as pd
+
+    history = pd.DataFrame(rows)
+    if "load" in history:
+        history["load"] = [None if not isinstance(v, torch.Tensor) else v.numpy() for v in history["load"]]
+    history.attrs.update(
+        {"train_config": asdict(cfg), "stop_reason": stop_reason, "diverged": stop_reason != "completed", "world_size": world}
+    )
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: <checkpoint_dir>/last.pt, written atomically by rank 0
+
+
+def save_checkpoint(path: str, model, optimizer, step: int, rows: list, cfg: TrainConfig) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "rows": rows,
+        "train_config": asdict(cfg),
+    }
+    with atomic_write(path) as f:  # a reader sees the old checkpoint or the new one, never half of one
+        torch.save(state, f)
+
+
+def resume_from(path: str, model, optimizer) -> tuple[list[dict], int]:
+    """Load model and optimizer state from a checkpoint; return its history rows and the next step."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return list(state["rows"]), state["step"] + 1
+
+
+def _checkpoint_path(checkpoint_dir, resume: bool) -> str | None:
+    if checkpoint_dir is None:
+        if resume:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        return None
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    return os.path.join(os.fspath(checkpoint_dir), "last.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def _resolve_config(steps: int | None, config: TrainConfig | None, kwargs: dict) -> TrainConfig:
+    if config is None:
+        if steps is None:
+            raise ValueError("train() needs steps or a TrainConfig")
+        return TrainConfig(steps=steps, **kwargs)
+    if kwargs or steps is not None:
+        raise ValueError("pass either a TrainConfig or steps + keyword settings, not both")
+    return config
+
+
+def _stop_on_nonfinite(loss: float, step: int, ckpt_path: str | None, on_nonfinite: str) -> str:
+    """Raise NonFiniteLossError, or warn; returns the stop reason."""
+    last_good = ckpt_path and os.path.exists(ckpt_path)
+    msg = (f"training loss became {loss} at step {step}; stopping. "
+           + (f"The last good checkpoint is {ckpt_path}." if last_good else "No checkpoint was written."))
+    if on_nonfinite == "raise":
+        raise NonFiniteLossError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)  # at train()'s caller
+    return f"non-finite loss at step {step}"
+
+
+def train(
+    model,
+    data,
+    optimizer,
+    steps: int | None = None,
+    *,
+    config: TrainConfig | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    on_nonfinite: str = "stop",
+    progress: bool = True,
+    callback=None,
+    **kwargs,
+):
+    """Train `model` on `data` (a TokenDataset) with `optimizer`; return the history DataFrame.
+
+    Pass either `steps` and TrainConfig fields as keywords (`batch_size=`, `balancing=`, ...) or a
+    TrainConfig. Balancing: "none", "aux_loss" (Switch/GShard, aux_alpha), "loss_free" (bias rule
+    with speed bias_update_speed, after every optimizer step, on that step's loads), or
+    "loss_free+seq_aux" (plus DeepSeek-V3's sequence-wise loss, seq_aux_alpha).
+    The optimizer's base lrs are the peak; the schedule scales them every step. An optimizer that is a
+    `k2mini.optim.TakesMaxLogits` (MuonClip, and every `build_optimizer` kind) gets the step's max
+    logits: `optimizer.step(max_logits=...)`.
+
+    History columns: see `history_row`, plus wall_time. `history.attrs` holds the run's settings and
+    how it ended. `callback(step, last row or None)` runs after every step.
+    """
+    cfg = _resolve_config(steps, config, kwargs)
+    if on_nonfinite not in ("stop", "raise"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'raise', got {on_nonfinite!r}")
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}")
+    # stacked experts: every parameter is used every step, as DDP expects
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    moe_layers = model.moe_layers()
+    for g in optimizer.param_groups:
+        g.setdefault("peak_lr", g["lr"])
+
+    ckpt_path = _checkpoint_path(checkpoint_dir, resume)
+    rows: list[dict] = []
+    start = 0
+    if resume and os.path.exists(ckpt_path):
+        rows, start = resume_from(ckpt_path, model, optimizer)
+
+    model.train()
+    stop_reason = "completed"
+    t0 = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
+    bar = tqdm(range(start, cfg.steps), disable=not progress or rank != 0, desc="train", initial=start, total=cfg.steps)
+    for step in bar:
+        result = train_step(model, net, optimizer, data, step, cfg)
+        if not result.finite:
+            stop_reason = _stop_on_nonfinite(result.loss, step, ckpt_path, on_nonfinite)
+            rows.append(_nonfinite_row(step, result.loss, optimizer, cfg, time.perf_counter() - t0))
+            break
+        if cfg.logs_at(step):
+            row = history_row(step, result, optimizer, moe_layers, cfg)
+            if cfg.evaluates_at(step):  # the same batches on every rank
+                row["val_loss"] = evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+            row["wall_time"] = time.perf_counter() - t0
+            rows.append(row)
+            bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
+        if callback is not None:
+            callback(step, rows[-1] if rows else None)
+        if ckpt_path and rank == 0 and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_path, model, optimizer, step, rows, cfg)
+    bar.close()
+    if ckpt_path and rank == 0 and stop_reason == "completed" and cfg.steps > start:
+        save_checkpoint(ckpt_path, model, optimizer, cfg.steps - 1, rows, cfg)
+    return _history_frame(rows, cfg, stop_reason, world)
