@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 _SUBMODULES = {
-    "optim", "analysis", "analyze", "balance", "checkpoint", "moe", "attention", "rope", "norm", "lab",
+    "optim", "analysis", "balance", "checkpoint", "moe", "attention", "rope", "norm", "lab",
 }
 
 

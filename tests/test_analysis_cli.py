@@ -1,4 +1,4 @@
-"""python -m k2mini.analyze: the analysis from a terminal, results in one JSON file."""
+"""python -m k2mini.analysis: the analysis from a terminal, results in one JSON file."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import torch
 
 import k2mini
 from k2mini.analysis import encode_batch, load_results, load_tokenizer, stream_activations
-from k2mini.analyze import main
+from k2mini.analysis.__main__ import main
 from k2mini.checkpoint import save_pretrained
 
 
@@ -54,7 +54,7 @@ def test_bad_input_is_a_clear_error(setup, capsys):
 
 def test_runs_as_a_module(setup):
     proc = subprocess.run(
-        [sys.executable, "-m", "k2mini.analyze", str(setup / "ckpt"), "--static", "--layers", "2", "--no-progress"],
+        [sys.executable, "-m", "k2mini.analysis", str(setup / "ckpt"), "--static", "--layers", "2", "--no-progress"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -1,6 +1,6 @@
 """Sparse-activation analysis of a checkpoint from a terminal.
 
-    python -m k2mini.analyze SOURCE --text FILE [--text FILE2 ...] [--static] [--out results.json]
+    python -m k2mini.analysis SOURCE --text FILE [--text FILE2 ...] [--static] [--out results.json]
 
 SOURCE is a checkpoint directory, hf://owner/repo or an http(s) URL. --static summarizes the routers
 and correction biases from the weights alone (reading ~0.03% of K2's bytes); each --text file is
@@ -38,7 +38,7 @@ def _text_args(specs: list[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m k2mini.analyze",
+        prog="python -m k2mini.analysis",
         description="Which experts fire, how evenly, with which others, for which text; and what the routers look like.",
     )
     p.add_argument("source", help="checkpoint directory, hf://owner/repo or http(s) URL")
@@ -57,10 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     import pandas as pd
 
-    from .analysis import (encode_batch, load_tokenizer, parse_layers, router_summary, save_results,
-                           stream_activations)
-    from .analysis.source import open_reader
-    from .checkpoint import CheckpointError, NetworkError
+    from ..checkpoint import CheckpointError, NetworkError
+    from . import encode_batch, load_tokenizer, parse_layers, router_summary, save_results, stream_activations
+    from .source import open_reader
 
     args = build_parser().parse_args(argv)
     if not args.text and not args.static:

@@ -1,0 +1,132 @@
+"""MuonAdamW: one ``torch.optim.Optimizer`` that steps Muon groups with Muon and the others with AdamW.
+
+K2 and Moonlight train the hidden layers' weight matrices with Muon and the embedding, the lm_head and
+the vectors with AdamW; ``build_optimizer`` (build.py) decides which parameter is which.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.adamw import adamw as adamw_functional
+
+from .max_logits import TakesMaxLogits, max_logit_metrics
+from .muon import Muon
+
+__all__ = ["MuonAdamW"]
+
+
+class MuonAdamW(Muon, TakesMaxLogits):
+    """One ``torch.optim.Optimizer``: groups with ``use_muon=True`` take Muon steps, the others AdamW.
+
+    The AdamW math is torch's own (``torch.optim.adamw.adamw``, the functional form ``torch.optim.AdamW``
+    calls, with the same state layout), so an all-AdamW ``MuonAdamW`` steps bit-identically to
+    ``torch.optim.AdamW``. One optimizer rather than two means one ``state_dict``, one ``zero_grad``,
+    and LR schedulers that see every group.
+
+    Every param group must say ``use_muon``; Muon groups default to the Muon arguments below, AdamW
+    groups to ``betas`` and ``adamw_eps``. ``step(max_logits=...)`` is accepted so a training loop can
+    pass the model's telemetry whatever the kind (it is a ``TakesMaxLogits``): here it is only recorded
+    (``max_logit/...`` metrics).
+    """
+
+    _PICKLED_ATTRS = Muon._PICKLED_ATTRS + ("_kind_defaults",)
+
+    def __init__(
+        self,
+        param_groups: Iterable[dict[str, Any]],
+        *,
+        lr: float,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr: str = "match_rms_adamw",
+        ns_dtype: torch.dtype | None = None,
+        ns_eps: float = 1e-7,
+        betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        check_finite: bool = True,
+    ) -> None:
+        self._kind_defaults = {
+            True: dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, adjust_lr=adjust_lr,
+                       ns_dtype=ns_dtype, eps=ns_eps),
+            False: dict(betas=betas, eps=adamw_eps, amsgrad=False, maximize=False, foreach=None),
+        }
+        self.check_finite = check_finite
+        self._pending_metrics = {}
+        # Muon.__init__ would install Muon-only defaults; the per-kind ones are filled in add_param_group.
+        Optimizer.__init__(self, param_groups, dict(lr=lr, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict) or "use_muon" not in param_group:
+            raise ValueError(
+                "MuonAdamW needs param groups that say use_muon=True or False, e.g. "
+                "[{'params': matrices, 'use_muon': True}, {'params': others, 'use_muon': False}]; "
+                "k2mini.optim.build_optimizer(model, ...) builds them for a K2 model"
+            )
+        self._fill_group_defaults(param_group)
+        super().add_param_group(param_group)
+
+    def _fill_group_defaults(self, group: dict[str, Any]) -> None:
+        if "use_muon" in group:
+            for key, value in self._kind_defaults[bool(group["use_muon"])].items():
+                group.setdefault(key, value)
+        super()._fill_group_defaults(group)
+
+    def _validate_group(self, group: dict[str, Any], group_index: int) -> None:
+        if group["use_muon"]:
+            return super()._validate_group(group, group_index)
+        beta1, beta2 = group["betas"]
+        if not (0.0 <= float(group["lr"]) < math.inf):
+            raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
+        if not 0.0 <= group["weight_decay"] < math.inf:
+            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {group['betas']!r}")
+        if not group["eps"] >= 0:
+            raise ValueError(f"adamw eps must be >= 0, got {group['eps']!r}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, max_logits: torch.Tensor | None = None) -> Any:
+        loss = self._take_step(closure)
+        if max_logits is not None:
+            self._pending_metrics.update(max_logit_metrics(max_logits.detach()))
+        return loss
+
+    def _group_step(self, group, params, grads) -> torch.Tensor:
+        if group["use_muon"]:
+            return self._muon_group_step(group, params, grads)
+        return self._adamw_group_step(group, params, grads)
+
+    def _adamw_group_step(self, group, params, grads) -> torch.Tensor:
+        """torch's AdamW on one group; returns the sum of squares of the gradient-driven update."""
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:  # torch.optim.AdamW's lazy state, step kept on the CPU as it does
+                scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                state["step"] = torch.tensor(0.0, dtype=scalar)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adamw_functional(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            foreach=group["foreach"], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+        # The update AdamW just applied (decay excluded), rebuilt from its state: lr m_hat / (sqrt(v_hat) + eps).
+        sumsq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        for m, v, t in zip(exp_avgs, exp_avg_sqs, steps):
+            t = float(t)
+            step_size = float(group["lr"]) / (1 - beta1**t)
+            denom = v.sqrt() / math.sqrt(1 - beta2**t) + group["eps"]
+            sumsq += step_size**2 * torch.linalg.vector_norm(m / denom, dtype=torch.float32).square().to(sumsq.device)
+        return sumsq
