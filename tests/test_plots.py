@@ -105,3 +105,19 @@ def test_param_counts_bars():
     ax = plots.plot_param_counts(table)
     heights = [p.get_height() for p in ax.patches]
     assert heights == [100, 200, 50, 50]
+
+
+def test_methods_take_the_palettes_colours():
+    from matplotlib.colors import to_rgb
+
+    from k2mini.lab.palette import FIXED, colors
+
+    assert plots.colors is colors and not hasattr(plots, "method_colors")
+    runs = {"loss_free": fake_history(vio=0.2), "none": fake_history(vio=5), "E=8": fake_history(vio=1)}
+    ax = plots.plot_maxvio(runs, smooth=5)
+    drawn = {l.get_label(): to_rgb(l.get_color()) for l in ax.get_lines()}
+    assert drawn == colors(list(runs))
+    assert drawn["loss_free"] == to_rgb(FIXED["loss_free"]) and drawn["none"] == to_rgb(FIXED["none"])
+    mine = {"loss_free": (0.0, 0.0, 0.0), "none": (1.0, 0.0, 0.0), "E=8": (0.0, 0.0, 1.0)}
+    ax = plots.plot_maxvio(runs, smooth=5, colors=mine)  # a caller's colours win
+    assert {l.get_label(): to_rgb(l.get_color()) for l in ax.get_lines()} == mine

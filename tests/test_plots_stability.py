@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from k2mini.lab import plots_stability as ps
-from k2mini.lab.experiments import RunResult, RunSpec, summarize
+from k2mini.lab.experiments import RunResult, RunSpec
+from k2mini.lab.stability import summarize
 
 
 def fake_run(optimizer, lr, tau=100.0, steps=60, diverge_at=None, growth=1.0):

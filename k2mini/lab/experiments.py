@@ -220,6 +220,14 @@ class RunSpec:
         blob = json.dumps(payload, sort_keys=True, default=_json_default).encode()
         return hashlib.sha256(blob).hexdigest()[:24]
 
+    # Two specs are the same run when their settings are: `data_seed=None` equals `data_seed=seed`, the
+    # tau of a non-MuonClip run is ignored, and a spec read back from `settings()` equals its original.
+    def __eq__(self, other):
+        return self.key() == other.key() if isinstance(other, RunSpec) else NotImplemented
+
+    def __hash__(self):
+        return hash(self.key())
+
     def model_config(self):
         from ..config import K2Config
 
@@ -409,6 +417,8 @@ class RunCache:
             p.with_suffix(".pt").unlink(missing_ok=True)
             p.unlink()
             n += 1
+        for p in self.directory.glob("*.pt"):  # weights whose JSON was never written (an interrupted put)
+            p.unlink(missing_ok=True)
         return n
 
 

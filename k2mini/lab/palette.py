@@ -33,7 +33,8 @@ def colors(labels: Sequence[str]) -> dict[str, tuple]:
     ...; every other label the next tab10 colour not taken by a fixed one, in the order given."""
     labels = list(dict.fromkeys(str(label) for label in labels))
     out: dict[str, str] = {}
-    clips = [label for label in labels if label.startswith("muonclip")]
+    # plain "muonclip" (if present) keeps green whatever the order; the tau groups come after it
+    clips = sorted((label for label in labels if label.startswith("muonclip")), key=lambda label: label != "muonclip")
     for label in labels:
         if label in FIXED:
             out[label] = FIXED[label]
