@@ -86,7 +86,7 @@ def pretrained_mini(
     from ..checkpoint import save_pretrained
     from ..data import load_corpus, make_dataset
     from ..model import K2ForCausalLM
-    from ..train import train
+    from .. import train
 
     corpora = [load_corpus(c, max_bytes=n) for c, n in recipe["corpora"].items()]
     data = make_dataset(corpora, seed=recipe["seed"])
