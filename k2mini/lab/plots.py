@@ -166,14 +166,19 @@ def plot_load_heatmaps(loads: Mapping[str, np.ndarray], *, layer_names: Sequence
     return fig
 
 
-def plot_load_over_time(history: pd.DataFrame, layer: int = 0, *, bins: int = 30, ax=None, title=None):
+def plot_load_over_time(loads, layer: int = 0, *, bins: int = 30, ax=None, title=None):
     """Heatmap of one MoE layer's expert load over training (time bins x experts), relative to uniform.
 
-    history: a train() history with its `load` column (array [moe_layers, E] per row); layer indexes
-    the MoE layers (0 = first MoE layer). Returns the Axes.
+    loads: a run's per-step loads, array (steps, moe_layers, E) (`RunResult.loads`), or a train()
+    history with its `load` column (array [moe_layers, E] per row); layer indexes the MoE layers
+    (0 = first MoE layer). Returns the Axes.
     """
-    loads = np.stack(history["load"].to_numpy())[:, layer].astype(float)  # (steps, E)
-    steps = history["step"].to_numpy()
+    if isinstance(loads, pd.DataFrame):
+        steps, loads = loads["step"].to_numpy(), np.stack(loads["load"].to_numpy())
+    else:
+        loads = np.asarray(loads)
+        steps = np.arange(len(loads))
+    loads = loads[:, layer].astype(float)  # (steps, E)
     edges = np.linspace(0, len(loads), min(bins, len(loads)) + 1).astype(int)
     binned = np.stack([loads[a:b].sum(0) for a, b in zip(edges[:-1], edges[1:])])
     rel = binned / binned.mean(1, keepdims=True)
