@@ -91,11 +91,3 @@ def test_centred_and_cosine():
 def test_distinct_per_token():
     assert stats.distinct_per_token(torch.tensor([[3, 1, 2], [1, 1, 2]])).tolist() == [3, 2]
 
-
-def test_spectral_order_groups_blocks():
-    # two teams {0, 2, 4} and {1, 3, 5}: strong within, weak across
-    team = torch.tensor([0, 1, 0, 1, 0, 1])
-    sim = torch.where(team[:, None] == team[None, :], 4.0, 0.1).double()
-    order = stats.spectral_order(sim).tolist()
-    assert {tuple(sorted(order[:3])), tuple(sorted(order[3:]))} == {(0, 2, 4), (1, 3, 5)}
-    assert stats.spectral_order(sim).tolist() == order  # deterministic

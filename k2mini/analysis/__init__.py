@@ -24,7 +24,6 @@ from .stats import (
     load_entropy,
     load_share,
     mean_weight,
-    spectral_order,
     unused_experts,
     weight_entropy,
     weight_sums,
@@ -62,5 +61,4 @@ __all__ = [
     "js_divergence",
     "centred",
     "cosine_matrix",
-    "spectral_order",
 ]

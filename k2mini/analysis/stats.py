@@ -142,20 +142,3 @@ def distinct_per_token(indices: torch.Tensor) -> torch.Tensor:
     s = indices.sort(-1).values
     return 1 + (s[..., 1:] != s[..., :-1]).sum(-1)
 
-
-def spectral_order(similarity: torch.Tensor) -> torch.Tensor:
-    """An ordering of the rows of a symmetric, non-negative similarity matrix that puts similar rows
-    next to each other (spectral seriation): sort by the Fiedler vector of its graph Laplacian.
-
-    NaN entries count as 0. The eigenvector's sign is fixed (largest entry positive), so the order is
-    deterministic. Used to draw co-activation matrices clustered without scipy.
-    """
-    s = torch.nan_to_num(similarity.to(torch.float64), nan=0.0).clamp_min(0)
-    s = (s + s.T) / 2
-    s.fill_diagonal_(0)
-    laplacian = torch.diag(s.sum(-1)) - s
-    _, vectors = torch.linalg.eigh(laplacian)
-    fiedler = vectors[:, 1] if len(s) > 1 else vectors[:, 0]
-    if fiedler[fiedler.abs().argmax()] < 0:
-        fiedler = -fiedler
-    return torch.argsort(fiedler, stable=True)
