@@ -4,7 +4,7 @@ text, and what the routers and their correction biases look like, without holdin
     router_summary(source)                  static: routers + biases from the weights alone
     stream_activations(source, token_ids)   dynamic: a layer-by-layer forward pass, bounded memory
     load_tokenizer(source)                  the checkpoint's own tokenizer (tiktoken / tokenizers / bytes)
-    save_results / load_results             one JSON file for notebooks and `python -m k2mini.analyze`
+    save_results / load_results             one JSON file for notebooks and `python -m k2mini.analysis`
 """
 
 from .params import active_share, component_of, layout_bytes
