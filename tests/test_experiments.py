@@ -14,17 +14,12 @@ import k2mini
 from k2mini.lab import experiments as ex
 from k2mini.lab.experiments import PreparedBatches, RunCache, RunSpec, build_model, run_one, run_sweep
 from k2mini.lab.stability import summarize
-
-TEXT = ("To be, or not to be, that is the question:\n" * 40 + "def f(x):\n    return x * 2\n" * 40) * 3
-
-TINY = dict(batch_size=2, seq_len=16, steps=4, eval_every=2, eval_batches=1,
-            config={"hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16, "n_routed_experts": 4})
+from lab_runs import TINY, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(TEXT)
+    path = write_corpus(tmp_path_factory)
     return path
 
 

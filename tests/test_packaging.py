@@ -65,8 +65,9 @@ def test_public_names_the_issues_promise():
         k2mini.nonesuch
 
 
-def test_the_library_never_imports_the_lab():
-    """Importing k2mini and every core module (subpackages included) loads nothing from k2mini.lab."""
+def test_the_library_never_imports_the_lab_nor_its_libraries():
+    """Importing k2mini and every core module (subpackages included) loads nothing from k2mini.lab,
+    nor scipy or seaborn (the lab's libraries, in the [lab] extra)."""
     import subprocess
     import sys
 
@@ -79,8 +80,9 @@ def test_the_library_never_imports_the_lab():
         "import importlib, sys\n"
         f"for m in {core!r}:\n"
         "    importlib.import_module(m)\n"
-        "lab = sorted(m for m in sys.modules if m == 'k2mini.lab' or m.startswith('k2mini.lab.'))\n"
-        "assert not lab, lab\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'seaborn')\n"
+        "             or m == 'k2mini.lab' or m.startswith('k2mini.lab.'))\n"
+        "assert not bad, bad[:10]\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]

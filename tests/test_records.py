@@ -15,17 +15,14 @@ from k2mini.lab.experiments import RunResult, RunSpec, run_sweep, training_code_
 from k2mini.lab.records import RECORD_FORMAT, read_record, thin_history, write_record
 from k2mini.lab.routing_study import compare
 from k2mini.lab.stability import summarize
+from lab_runs import TINY, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("To be, or not to be, that is the question:\n" * 40 + "def f(x):\n    return x * 2\n" * 40) * 3
-TINY = dict(batch_size=2, seq_len=16, steps=4, eval_every=2, eval_batches=1,
-            config={"hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16, "n_routed_experts": 4})
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(TEXT)
+    path = write_corpus(tmp_path_factory)
     data = k2mini.make_dataset(k2mini.load_corpus(str(path)), val_fraction=0.1, block_size=256)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest
