@@ -61,30 +61,60 @@ def swiglu(x, w_gate, w_up, w_down):
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch runs torch._grouped_mm (forward and backward) for this device and dtype."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM:
+        try:  # under no_grad / inference_mode too: the answer must not depend on the caller's mode
+            with torch.inference_mode(False), torch.enable_grad():
+                a = torch.ones(2, 8, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([1, 2], device=device, dtype=torch.int32)
+                y = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+                y.backward(torch.ones_like(y))
+            _GROUPED_MM[key] = True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _GROUPED_MM[key] = False
+    return _GROUPED_MM[key]
+
+
+_GROUPED_MM: dict = {}
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert (counts[e] rows for expert e) times each expert's w[e]^T: (S, out).
+
+    One grouped matmul where torch has it for this device, else one matmul per non-empty expert on
+    views from a single unbind. Either way the backward writes each expert's gradient once into one
+    stack-sized buffer; indexing w[e] per expert instead would zero-fill a stack-sized gradient per
+    expert (cost E^2).
+    """
+    if _probe_grouped_mm(x.device, x.dtype):
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    per_expert = w.unbind(0)
+    pieces = [F.linear(rows, per_expert[e]) for e, rows in enumerate(x.split(counts)) if counts[e]]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[1])
+
+
 def grouped_experts(x, indices, weights, w_gate, w_up, w_down):
     """sum_j weights[n, j] * expert_{indices[n, j]}(x[n]) for tokens x: (N, H), stacked expert weights.
 
-    Token-slots are sorted by expert; each expert that received tokens gathers its rows, runs one
-    SwiGLU on them (three matmuls) and adds the weighted result back into its tokens. No loop over
-    tokens, and experts with no tokens cost nothing.
+    Token-slots are sorted by expert, every expert's rows run through its SwiGLU as one grouped
+    matmul per projection, and each token sums its k results. No loop over tokens; experts with
+    no tokens cost nothing; forward and backward are linear in the number of experts.
     """
-    k = indices.shape[-1]
+    N, k = indices.shape
     slot_expert = indices.reshape(-1)  # (N k,)
     order = torch.argsort(slot_expert, stable=True)
-    slot_token = order // k  # the token of each sorted slot
-    slot_weight = weights.reshape(-1)[order].to(x.dtype)
-    counts = torch.bincount(slot_expert, minlength=w_gate.shape[0]).tolist()
-    out = torch.zeros_like(x)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            rows = slot_token[start : start + n]
-            xe = x[rows]  # (n, H)
-            # scaling the (n, I) activation before down_proj is cheaper than scaling (n, H) after it
-            h = F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]) * slot_weight[start : start + n, None]
-            out.index_add_(0, rows, F.linear(h, w_down[e]))
-            start += n
-    return out
+    counts_t = torch.bincount(slot_expert, minlength=w_gate.shape[0])
+    counts, offsets = counts_t.tolist(), counts_t.cumsum(0).to(torch.int32)
+    xs = x[order // k]  # (N k, H): each slot's token, sorted by expert
+    # scaling the (slots, I) activation before down_proj is cheaper than scaling (slots, H) after it
+    slot_weight = weights.reshape(-1)[order].to(x.dtype)[:, None]
+    h = F.silu(grouped_linear(xs, w_gate, counts, offsets)) * grouped_linear(xs, w_up, counts, offsets) * slot_weight
+    y_sorted = grouped_linear(h, w_down, counts, offsets)  # (N k, H)
+    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to slot order (n, j)
+    return rearrange(y, "(n k) h -> n k h", k=k).sum(1)
 
 
 class FeedForward(nn.Module):
