@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA), in its naive and its absorbed form.
+"""Multi-head latent attention (MLA), in its naive and its absorbed form, and a fused fast path.
 
 Keys and values of all heads are decompressed from one small latent per token,
 `kv_latent = kv_a_layernorm(kv_a_proj(x)[:kv_lora_rank])`, plus one rope key `k_rope` shared by
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import einsum, rearrange, repeat
 from torch import nn
 
 from .config import K2Config
@@ -50,6 +50,47 @@ def absorbed_logits(q_nope, q_rope, kv_latent, k_rope, w_uk, scale: float) -> to
     return (content + position) * scale
 
 
+def causal_max_logit(q: torch.Tensor, k: torch.Tensor, scale: float, block: int = 256) -> torch.Tensor:
+    """Per-head max of scale * q.k over the causal pairs, (H,), exact, without the (T, S) matrix.
+
+    q: (B, H, T, D), the last T of the S positions of k: (B, H, S, D). Query blocks of `block` rows
+    meet only the keys they may see, so the cost is half a QK^T product and the memory one block.
+    """
+    T, S = q.shape[2], k.shape[2]
+    offset = S - T
+    best = []
+    with torch.no_grad():
+        for start in range(0, T, block):
+            stop = min(start + block, T)
+            logits = einsum(q[:, :, start:stop], k[:, :, : offset + stop], "b h t d, b h s d -> b h t s")
+            mask = causal_mask(stop - start, offset + stop, device=q.device)
+            best.append(logits.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3)))
+    return torch.stack(best).amax(0) * scale
+
+
+def fused_attention(q, k, v, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + causal mask) v through torch's fused kernel, (B, H, T, Dv).
+
+    The same function as mla_logits + masked_softmax + the product with v. The CPU flash kernel
+    wants one head dim for q, k and v, so v (MLA: 128 wide against 192 for q.k) is padded with
+    zero columns and the padding sliced off again.
+    """
+    T, S, dv = q.shape[2], k.shape[2], v.shape[-1]
+    pad = q.shape[-1] - dv
+    if pad > 0:
+        v = F.pad(v, (0, pad))
+    if T == S:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:  # queries continue a cache: they are the last T positions
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, device=q.device), scale=scale)
+    return out[..., :dv]
+
+
+# Below this many keys the materialized softmax is as fast as the fused kernel on CPU, and it gives the
+# max logit for free (benchmarks/bench_train_step.py measures the crossover).
+FUSED_FROM_KEYS = 512
+
+
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over keys in float32 under a causal mask; also the per-head max logit (H,)."""
     logits = logits.masked_fill(~mask, float("-inf"))
@@ -65,6 +106,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_nope_head_dim, self.qk_rope_head_dim = c.qk_nope_head_dim, c.qk_rope_head_dim
         self.v_head_dim, self.kv_lora_rank, self.q_lora_rank = c.v_head_dim, c.kv_lora_rank, c.q_lora_rank
         self.scale = softmax_scale(c)
+        # "auto": torch's fused kernel from FUSED_FROM_KEYS keys on, else the materialized form;
+        # "fused" / "materialized" force one (tests hold the two equal)
+        self.kernel = "auto"
         H, qk = c.num_attention_heads, c.qk_head_dim
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, H * qk, bias=False)
@@ -92,6 +136,11 @@ class MultiHeadLatentAttention(nn.Module):
         w = rearrange(self.kv_b_proj.weight, "(h d) r -> h d r", h=self.num_heads)
         return w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
 
+    def uses_fused_kernel(self, n_keys: int) -> bool:
+        if self.kernel not in ("auto", "fused", "materialized"):
+            raise ValueError(f"attention kernel must be 'auto', 'fused' or 'materialized', got {self.kernel!r}")
+        return self.kernel == "fused" or (self.kernel == "auto" and n_keys >= FUSED_FROM_KEYS)
+
     def forward(self, x, cos, sin, cache: LayerCache | None = None, use_cache: bool = False, absorbed: bool = False):
         """x: (B, T, hidden). Returns (output, max_logit per head (H,), the extended cache or None).
 
@@ -114,7 +163,15 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             kv = rearrange(self.kv_b_proj(kv_latent), "b s (h d) -> b h s d", h=self.num_heads)
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            logits = mla_logits(q_nope, q_rope, k_nope, k_rope, self.scale)  # (B, H, T, S)
-            probs, max_logit = masked_softmax(logits, mask)
-            out = einsum(probs, v, "b h t s, b h s v -> b t h v")
+            if self.uses_fused_kernel(kv_latent.shape[1]):
+                # the naive form's logits as one product: each head's key is its content part beside
+                # the one shared rope key
+                q = torch.cat([q_nope, q_rope], dim=-1)
+                k = torch.cat([k_nope, repeat(k_rope, "b s r -> b h s r", h=self.num_heads)], dim=-1)
+                out = rearrange(fused_attention(q, k, v, self.scale), "b h t v -> b t h v")
+                max_logit = causal_max_logit(q, k, self.scale)
+            else:
+                logits = mla_logits(q_nope, q_rope, k_nope, k_rope, self.scale)  # (B, H, T, S)
+                probs, max_logit = masked_softmax(logits, mask)
+                out = einsum(probs, v, "b h t s, b h s v -> b t h v")
         return self.o_proj(rearrange(out, "b t h v -> b t (h v)")), max_logit, cache

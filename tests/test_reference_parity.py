@@ -121,3 +121,14 @@ def test_gradients_match_transformers(pair):
     assert checked >= len(list(ours.parameters())) - 1  # gradients really flowed almost everywhere
     for model in (hf, ours):
         model.zero_grad(set_to_none=True)
+
+
+def test_fused_attention_matches_transformers(pair, monkeypatch):
+    """The fused attention path (taken from FUSED_FROM_KEYS keys on) gives the reference's logits too."""
+    hf, ours = pair
+    for layer in ours.model.layers:
+        monkeypatch.setattr(layer.self_attn, "kernel", "fused")
+    ids = torch.randint(0, ours.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = hf(ids).logits, ours(ids).logits
+    assert (out - ref).abs().max().item() <= 1e-4
