@@ -37,9 +37,13 @@ pytest: $(STAMP) $(CORPUS)
 # nbval re-runs the notebooks under other float kernels than those that wrote their outputs (ATen's
 # portable `default` kernels instead of the CPU's AVX2 / AVX-512 ones), as a newcomer's CPU would: the
 # checked outputs are claims that hold on any machine, so they must pass here too.
+# NBVAL_JOBS notebooks run side by side, one thread each (pytest-xdist; --dist loadscope keeps each
+# notebook's cells in order on one kernel).
 NBVAL_KERNELS ?= ATEN_CPU_CAPABILITY=default
+NBVAL_JOBS ?= 2
 nbval: $(STAMP) $(CORPUS)
-	$(NBVAL_KERNELS) $(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg -p no:randomly
+	$(NBVAL_KERNELS) OMP_NUM_THREADS=1 $(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg -p no:randomly \
+		-n $(NBVAL_JOBS) --dist loadscope
 
 test: pytest nbval
 
