@@ -3,7 +3,8 @@
 The router scores every expert with a sigmoid; a per-expert correction bias (trained by no gradient,
 moved by the loss-free balancing rule) shifts which experts are *chosen*, but the mixing weights
 come from the unbiased scores. Experts are stored stacked, [E, out, in], and run grouped: token-slots
-are sorted by expert and each expert's slice is one matmul.
+are sorted by expert and each projection is one grouped matmul over all experts, so forward and
+backward cost the routed tokens plus a small constant per expert (linear in E).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets:
     stack-sized buffer; indexing w[e] per expert instead would zero-fill a stack-sized gradient per
     expert (cost E^2).
     """
-    if _probe_grouped_mm(x.device, x.dtype):
+    # torch.compile's meta kernel for the grouped matmul takes bf16 only (torch 2.13): traced, loop
+    if not torch.compiler.is_compiling() and _probe_grouped_mm(x.device, x.dtype):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     per_expert = w.unbind(0)
     pieces = [F.linear(rows, per_expert[e]) for e, rows in enumerate(x.split(counts)) if counts[e]]
@@ -103,7 +105,7 @@ def grouped_experts(x, indices, weights, w_gate, w_up, w_down):
     matmul per projection, and each token sums its k results. No loop over tokens; experts with
     no tokens cost nothing; forward and backward are linear in the number of experts.
     """
-    N, k = indices.shape
+    k = indices.shape[-1]
     slot_expert = indices.reshape(-1)  # (N k,)
     order = torch.argsort(slot_expert, stable=True)
     counts_t = torch.bincount(slot_expert, minlength=w_gate.shape[0])
