@@ -329,7 +329,8 @@ def _layer(reader, config, i, x, cos, sin, budget, bar):
     x, max_logit, routing, _ = layer(x, cos, sin)
     if routing is None:
         return x, max_logit, None
-    record = {"indices": routing.indices, "weights": routing.weights, "experts_loaded": layer.mlp.experts.provider.loaded}
+    loaded = layer.mlp.experts.provider.loaded
+    record = {"indices": routing.indices, "weights": routing.weights, "experts_loaded": loaded}
     return x, max_logit, record
 
 
