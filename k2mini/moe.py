@@ -3,7 +3,9 @@
 The router scores every expert with a sigmoid; a per-expert correction bias (trained by no gradient,
 moved by the loss-free balancing rule) shifts which experts are *chosen*, but the mixing weights
 come from the unbiased scores. Experts are stored stacked, [E, out, in], and run grouped: token-slots
-are sorted by expert and each expert's slice is one matmul.
+are sorted by expert and each expert's slice is one matmul. Where the stack is not in memory (the
+streaming analysis of a released checkpoint), an ExpertProvider hands the same dispatch one expert's
+weights at a time.
 """
 
 from __future__ import annotations
