@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -287,7 +288,7 @@ class CheckpointExperts(ExpertProvider):
         self.following, self.loaded, self.n_done = {}, 0, 0
 
     def plan(self, experts):
-        self.following = dict(zip(experts, experts[1:]))
+        self.following = dict(pairwise(experts))
         self.loaded, self.n_done = len(experts), 0
 
     def get(self, e):

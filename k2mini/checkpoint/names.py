@@ -8,6 +8,10 @@ k2mini mirrors HF names one to one, except routed experts: HF stores
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 STACKED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
@@ -74,7 +78,7 @@ def hf_tensor_names(k2_names, n_experts: int) -> list[tuple[str, str, int | None
     return out
 
 
-def hf_tensors(model) -> list[tuple[str, "torch.Tensor"]]:
+def hf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of everything a checkpoint of `model` holds, in the model's order: each
     parameter (one expert's slice of a stacked one, a view sharing its storage) and the routers'
     correction biases. Detached: loading writes into these tensors, saving reads them."""

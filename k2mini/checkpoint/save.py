@@ -25,6 +25,7 @@ from .names import hf_tensors, is_fp8_quantized, scale_name
 from .reader import CONFIG, INDEX
 from .safetensors_format import DTYPE_NAMES, DTYPES, encode_header, tensor_bytes
 
+
 def save_pretrained(
     model,
     path,
