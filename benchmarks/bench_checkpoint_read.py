@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 
 from k2mini import K2Config
+from k2mini.analysis.params import hf_tensor_shapes
 from k2mini.checkpoint import CheckpointReader
 from k2mini.checkpoint.fp8 import scale_shape
-from k2mini.checkpoint.names import hf_tensor_names, is_fp8_quantized, scale_name
+from k2mini.checkpoint.names import is_fp8_quantized, scale_name
 from k2mini.checkpoint.safetensors_format import DTYPES, encode_header, tensor_bytes
 from k2mini.checkpoint.save import K2_QUANTIZATION_CONFIG
-from k2mini.model import K2ForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent / "data" / "bench"
 SHARD_BYTES = 512 * 2**20
@@ -59,17 +59,12 @@ def bench_config(size_gb: float) -> K2Config:
 
 def plan(config: K2Config) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype, shape) of every tensor, in the HF per-expert layout, from a model on meta."""
-    with torch.device("meta"):
-        model = K2ForCausalLM(config)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if n.endswith("correction_bias")})
     out = []
-    for hf, name, expert in hf_tensor_names(shapes, config.n_routed_experts):
-        shape = shapes[name] if expert is None else shapes[name][1:]
+    for hf, shape in hf_tensor_shapes(config):
         if is_fp8_quantized(hf):
             out += [(hf, "F8_E4M3", shape), (scale_name(hf), "F32", scale_shape(shape))]
         else:
-            out.append((hf, "F32" if name.endswith("correction_bias") else "BF16", shape))
+            out.append((hf, "F32" if hf.endswith("correction_bias") else "BF16", shape))
     return out
 
 

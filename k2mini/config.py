@@ -334,6 +334,10 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
 
 
 # Released models: values of their public config.json files (K2_SPEC.md section 1).
+# Kimi-K2 and DeepSeek-V3 publish fp8 weights with a scale per 128x128 block (save_pretrained(fp8=True) too).
+K2_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+}
 _K2 = dict(
     vocab_size=163840,
     hidden_size=7168,
@@ -369,7 +373,7 @@ _K2 = dict(
     bos_token_id=163584,
     eos_token_id=163585,
     model_type="kimi_k2",
-    quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8", weight_block_size=[128, 128]),
+    quantization_config=dict(K2_QUANTIZATION_CONFIG),
 )
 
 # CPU-sized minis with K2's proportions: MLA with a latent, sigmoid routing over fine-grained experts
@@ -470,9 +474,7 @@ PRESETS: dict[str, dict] = {
         bos_token_id=0,
         eos_token_id=1,
         model_type="deepseek_v3",
-        quantization_config=dict(
-            activation_scheme="dynamic", fmt="e4m3", quant_method="fp8", weight_block_size=[128, 128]
-        ),
+        quantization_config=dict(K2_QUANTIZATION_CONFIG),
     ),
     # sparsity 16 (64 experts, 4 active + 1 shared): the default mini for training notebooks
     "k2-mini": _MINI,

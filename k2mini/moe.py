@@ -4,7 +4,9 @@ The router scores every expert with a sigmoid; a per-expert correction bias (tra
 moved by the loss-free balancing rule) shifts which experts are *chosen*, but the mixing weights
 come from the unbiased scores. Experts are stored stacked, [E, out, in], and run grouped: token-slots
 are sorted by expert and each projection is one grouped matmul over all experts, so forward and
-backward cost the routed tokens plus a small constant per expert (linear in E).
+backward cost the routed tokens plus a small constant per expert (linear in E). Where the stack is
+not in memory (the streaming analysis of a released checkpoint), an ExpertProvider hands the same
+dispatch one expert's weights at a time.
 """
 
 from __future__ import annotations
@@ -36,8 +38,20 @@ def route(
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
 ) -> Routing:
-    """K2 / DeepSeek-V3 routing for tokens x: (N, hidden)."""
-    scores = F.linear(x.to(torch.float32), gate_weight.to(torch.float32)).sigmoid()  # (N, E)
+    """K2 / DeepSeek-V3 routing for tokens x: (N, hidden), in its three steps: score, choose, weight."""
+    scores = router_scores(x, gate_weight)  # (N, E)
+    indices = choose_experts(scores, correction_bias, top_k, n_group, topk_group)  # (N, k)
+    weights = mixing_weights(scores, indices, norm_topk_prob, routed_scaling_factor)
+    return Routing(indices, weights, scores)
+
+
+def router_scores(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """Every expert's sigmoid score for every token, in float32: (N, E)."""
+    return F.linear(x.to(torch.float32), gate_weight.to(torch.float32)).sigmoid()
+
+
+def choose_experts(scores, correction_bias, top_k: int, n_group: int = 1, topk_group: int = 1) -> torch.Tensor:
+    """The top_k experts of score + bias per token (N, k); with groups, only within the best topk_group."""
     choice = scores.detach() + correction_bias  # the bias picks experts, never weights them
     if n_group > 1:
         grouped = rearrange(choice, "n (g e) -> n g e", g=n_group)
@@ -46,11 +60,15 @@ def route(
         keep.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
         keep = rearrange(keep[..., None].expand_as(grouped), "n g e -> n (g e)")
         choice = choice.masked_fill(~keep, float("-inf"))
-    indices = choice.topk(top_k, dim=-1).indices  # (N, k)
+    return choice.topk(top_k, dim=-1).indices
+
+
+def mixing_weights(scores, indices, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0) -> torch.Tensor:
+    """The chosen experts' unbiased scores, normalized to sum 1 (norm_topk_prob), times the scaling factor."""
     weights = scores.gather(1, indices)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return Routing(indices, weights * routed_scaling_factor, scores)
+    return weights * routed_scaling_factor
 
 
 def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -98,6 +116,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets:
     return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[1])
 
 
+def slots_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-slots (n, j), flattened to n k + j, sorted by expert (stable), and each expert's count (E,)."""
+    slot_expert = indices.reshape(-1)  # (N k,)
+    return torch.argsort(slot_expert, stable=True), torch.bincount(slot_expert, minlength=n_experts)
+
+
 def grouped_experts(x, indices, weights, w_gate, w_up, w_down):
     """sum_j weights[n, j] * expert_{indices[n, j]}(x[n]) for tokens x: (N, H), stacked expert weights.
 
@@ -106,9 +130,7 @@ def grouped_experts(x, indices, weights, w_gate, w_up, w_down):
     no tokens cost nothing; forward and backward are linear in the number of experts.
     """
     k = indices.shape[-1]
-    slot_expert = indices.reshape(-1)  # (N k,)
-    order = torch.argsort(slot_expert, stable=True)
-    counts_t = torch.bincount(slot_expert, minlength=w_gate.shape[0])
+    order, counts_t = slots_by_expert(indices, w_gate.shape[0])
     counts, offsets = counts_t.tolist(), counts_t.cumsum(0).to(torch.int32)
     xs = x[order // k]  # (N k, H): each slot's token, sorted by expert
     # scaling the (slots, I) activation before down_proj is cheaper than scaling (slots, H) after it
@@ -154,8 +176,56 @@ class Router(nn.Module):
         )
 
 
+class ExpertProvider:
+    """Routed experts' weights on demand, for an `Experts` whose stack is not in memory (the streaming
+    analysis reads them from a checkpoint). `provided_experts` announces the experts it will ask for,
+    then asks for them one at a time and drops each one's matrices before the next: one expert at once.
+    """
+
+    def plan(self, experts: list[int]) -> None:
+        """The experts that received tokens, in the order they will be asked for (a read-ahead hint)."""
+
+    def get(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e's (gate (I, H), up (I, H), down (H, I))."""
+        raise NotImplementedError
+
+    def done(self, e: int) -> None:
+        """Expert e is finished; nothing references its matrices any more."""
+
+
+def provided_experts(x, indices, weights, provider: ExpertProvider, n_experts: int):
+    """`grouped_experts` with each expert's matrices fetched from `provider` when its turn comes.
+
+    The same dispatch: slots sorted by `slots_by_expert`, each expert's slots through `grouped_experts`
+    itself (as a stack of one), their results added to their tokens. Memory: one expert's weights.
+    """
+    k = indices.shape[-1]
+    order, counts = slots_by_expert(indices, n_experts)
+    counts = counts.tolist()
+    slot_weight = weights.reshape(-1)[order]
+    used = [e for e, n in enumerate(counts) if n]
+    provider.plan(used)
+    out = torch.zeros_like(x)
+    start = 0
+    for e in used:
+        n = counts[e]
+        rows = order[start : start + n] // k  # (n,) the tokens of expert e's slots
+        gate, up, down = provider.get(e)
+        one = torch.zeros(n, 1, dtype=torch.int64, device=x.device)  # every slot to the stack's only expert
+        part = grouped_experts(x[rows], one, slot_weight[start : start + n, None], gate[None], up[None], down[None])
+        out.index_add_(0, rows, part)
+        del gate, up, down, part
+        provider.done(e)
+        start += n
+    return out
+
+
 class Experts(nn.Module):
-    """n_routed_experts SwiGLU experts stored stacked: gate/up (E, I, H), down (E, H, I)."""
+    """n_routed_experts SwiGLU experts stored stacked: gate/up (E, I, H), down (E, H, I).
+
+    With `provider` set (an ExpertProvider), the weights come from it one expert at a time instead of
+    from the stack, which may then stay on the meta device (the streaming analysis).
+    """
 
     def __init__(self, config: K2Config):
         super().__init__()
@@ -163,9 +233,12 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, H))
         self.up_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.provider: ExpertProvider | None = None
 
     def forward(self, x, routing: Routing):
         """x: (N, H) -> (N, H), the routing-weighted sum of each token's k experts."""
+        if self.provider is not None:
+            return provided_experts(x, routing.indices, routing.weights, self.provider, self.gate_proj.shape[0])
         return grouped_experts(x, routing.indices, routing.weights, self.gate_proj, self.up_proj, self.down_proj)
 
 

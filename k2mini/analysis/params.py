@@ -14,7 +14,7 @@ import re
 import torch
 
 from ..checkpoint.fp8 import scale_shape
-from ..checkpoint.names import hf_tensor_names, is_fp8_quantized
+from ..checkpoint.names import hf_tensors, is_fp8_quantized
 from ..config import K2Config
 
 COMPONENTS = ("embedding", "lm_head", "attention", "norms", "dense_ffn", "router", "shared_experts", "routed_experts")
@@ -57,13 +57,7 @@ def hf_tensor_shapes(config: K2Config) -> list[tuple[str, tuple[int, ...]]]:
 
     with torch.device("meta"):
         model = K2ForCausalLM(config)
-    tensors = dict(model.named_parameters())
-    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
-    out = []
-    for hf, name, expert in hf_tensor_names(tensors, config.n_routed_experts):
-        shape = tensors[name].shape if expert is None else tensors[name].shape[1:]
-        out.append((hf, tuple(shape)))
-    return out
+    return [(hf, tuple(t.shape)) for hf, t in hf_tensors(model)]
 
 
 def layout_bytes(config: K2Config, fp8: bool = True, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:

@@ -1,15 +1,17 @@
 """A forward pass through a checkpoint one layer piece at a time, recording how every MoE layer routes.
 
-Memory is bounded by one piece plus activations, whatever the model's size. Per layer:
+Memory is bounded by one piece plus activations, whatever the model's size. Each layer is the model's
+own `DecoderLayer` (built on the meta device) run by its own `forward`, with its pieces standing in
+for themselves: each is read from the checkpoint when the forward calls it and freed when it returns.
 
-    norms + attention   load, run over the batch, free
-    router + bias       load, route every token with the model's own `route(...)`
-    routed experts      only those that received tokens, one at a time: load, run, free
-    shared experts      load, run, free       (a dense layer's FFN instead of the three above)
+    norms, attention    read, run over the batch (in row chunks if its logits are large), free
+    router + bias       read, route every token, free
+    routed experts      an ExpertProvider for the layer's `Experts`: only those that received tokens,
+                        one at a time: read, run, free
+    shared experts      read, run, free       (a dense layer's FFN instead of the three above)
 
-The arithmetic is the model's: the same modules (`MultiHeadLatentAttention`, `RMSNorm`, `Router`,
-`FeedForward`) filled from the checkpoint, `grouped_experts` on each expert's tokens, the residual
-structure of `DecoderLayer.forward`; the tokens' expert counts equal the in-memory telemetry exactly.
+So the arithmetic is the model's, written once (MLA, `route`, the grouped experts' dispatch, the
+residual structure), and the tokens' expert counts equal the in-memory telemetry exactly.
 
 With `state_dir`, the residual stream and the statistics so far are written there (atomically) after
 every layer, and a rerun with the same tokens resumes at the layer the interrupted one reached.
@@ -19,14 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 from einops import rearrange
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
-from ..moe import grouped_experts
+from ..moe import ExpertProvider
 from ..rope import rope_cos_sin, rope_frequencies
 from . import stats
 from .pieces import check_experts, check_piece, free_piece, load_expert, load_piece, meta_layer, piece_bytes
@@ -104,38 +108,6 @@ def run_attention(attn, h, cos, sin, budget_bytes: int):
         outs.append(o)
         maxes.append(m)
     return torch.cat(outs), torch.stack(maxes).amax(0)
-
-
-def streamed_experts(flat, routing, n_experts: int, fetch, on_expert=None, prefetch=None):
-    """sum_j w_j expert_{i_j}(x) like `grouped_experts`, fetching each expert that got tokens when needed.
-
-    Token-slots are sorted by expert exactly as `grouped_experts` sorts them, and each expert's slice
-    goes through `grouped_experts` itself, added in the same order: the result is the model's.
-    fetch(e) -> (gate, up, down); on_expert(e) is called after expert e is done and freed; prefetch(e),
-    if given, is told which expert comes next before the current one is fetched (a read-ahead hint).
-    """
-    k = routing.indices.shape[-1]
-    slot_expert = routing.indices.reshape(-1)
-    order = torch.argsort(slot_expert, stable=True)
-    slot_weight = routing.weights.reshape(-1)[order].to(flat.dtype)
-    counts = torch.bincount(slot_expert, minlength=n_experts).tolist()
-    out = torch.zeros_like(flat)
-    start = 0
-    used = [e for e, n in enumerate(counts) if n]
-    for e, following in zip(used, [*used[1:], None]):
-        n = counts[e]
-        if prefetch is not None and following is not None:
-            prefetch(following)
-        rows = order[start : start + n] // k
-        gate, up, down = fetch(e)
-        one = torch.zeros(n, 1, dtype=torch.int64)  # every slot goes to the one expert given
-        part = grouped_experts(flat[rows], one, slot_weight[start : start + n, None], gate[None], up[None], down[None])
-        out.index_add_(0, rows, part)
-        del gate, up, down, part
-        start += n
-        if on_expert is not None:
-            on_expert(e)
-    return out
 
 
 def _fingerprint(config_hf: dict, ids: torch.Tensor, chosen: list[int], labels) -> str:
@@ -291,46 +263,75 @@ def _stream(reader, token_ids, layers, labels, state_dir, budget, progress) -> S
     )
 
 
-def _layer(reader, config, i, x, cos, sin, budget, bar):
-    """One decoder layer, piece by piece; mirrors DecoderLayer.forward and MoE.forward.
+class OnDemand(nn.Module):
+    """Stands in for one piece of a meta layer: reads it from the checkpoint when called, runs it
+    (through `run` if given, else the piece itself), and frees it when it returns."""
 
-    Returns (x, max_logit per head, routing record or None for a dense layer)."""
+    def __init__(self, reader, piece: nn.Module, prefix: str, run=None):
+        super().__init__()
+        self.reader, self.piece, self.prefix, self.run = reader, piece, prefix, run
+
+    def forward(self, *args):
+        load_piece(self.reader, self.piece, self.prefix)
+        try:
+            return (self.run or self.piece)(*args)
+        finally:
+            free_piece(self.piece)
+
+
+class CheckpointExperts(ExpertProvider):
+    """Layer `layer`'s routed experts read from the checkpoint one at a time; the next one is announced
+    to the reader before the current one is read. Reports progress on `bar`."""
+
+    def __init__(self, reader, layer: int, bar):
+        self.reader, self.layer, self.bar = reader, layer, bar
+        self.following, self.loaded, self.n_done = {}, 0, 0
+
+    def plan(self, experts):
+        self.following = dict(pairwise(experts))
+        self.loaded, self.n_done = len(experts), 0
+
+    def get(self, e):
+        if e in self.following:
+            self.reader.will_need_expert(self.layer, self.following[e])
+        return load_expert(self.reader, self.layer, e)
+
+    def done(self, e):
+        self.n_done += 1
+        self.bar.set_postfix_str(f"layer {self.layer}: expert {self.n_done}/{self.loaded}", refresh=False)
+
+
+def streamed_layer(reader, config, i: int, budget: int, bar):
+    """The model's DecoderLayer i on the meta device, every piece read on demand (see the module doc)."""
     layer = meta_layer(config, i)
     prefix = f"model.layers.{i}."
-    pieces = [layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm]
-    for name, piece in zip(("input_layernorm", "self_attn", "post_attention_layernorm"), pieces):
-        load_piece(reader, piece, prefix + name + ".")
-    a, max_logit = run_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, budget)
-    free_piece(layer.self_attn)
-    x = x + a
-    h = layer.post_attention_layernorm(x)
-    del a
+    attn = layer.self_attn
+
+    def attention(h, cos, sin, *_):  # no cache: the whole sequence at once
+        return (*run_attention(attn, h, cos, sin, budget), None)
+
+    layer.self_attn = OnDemand(reader, attn, prefix + "self_attn.", attention)
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        setattr(layer, name, OnDemand(reader, getattr(layer, name), prefix + name + "."))
     if not layer.is_moe:
-        mlp = load_piece(reader, layer.mlp, prefix + "mlp.")
-        x = x + mlp(h)
-        free_piece(mlp)
+        layer.mlp = OnDemand(reader, layer.mlp, prefix + "mlp.")
+        return layer
+    moe = layer.mlp
+    moe.gate = OnDemand(reader, moe.gate, prefix + "mlp.gate.")
+    if moe.shared_experts is not None:
+        moe.shared_experts = OnDemand(reader, moe.shared_experts, prefix + "mlp.shared_experts.")
+    moe.experts.provider = CheckpointExperts(reader, i, bar)
+    return layer
+
+
+def _layer(reader, config, i, x, cos, sin, budget, bar):
+    """One decoder layer: (x, max_logit per head, routing record or None for a dense layer)."""
+    layer = streamed_layer(reader, config, i, budget, bar)
+    x, max_logit, routing, _ = layer(x, cos, sin)
+    if routing is None:
         return x, max_logit, None
-
-    B = x.shape[0]
-    flat = rearrange(h, "b t h -> (b t) h")
-    routing = load_piece(reader, layer.mlp.gate, prefix + "mlp.gate.")(flat)
-    free_piece(layer.mlp.gate)
-    needed = int((torch.bincount(routing.indices.reshape(-1), minlength=config.n_routed_experts) > 0).sum())
-    done = [0]
-
-    def on_expert(e):
-        done[0] += 1
-        bar.set_postfix_str(f"layer {i}: expert {done[0]}/{needed}", refresh=False)
-
-    y = streamed_experts(flat, routing, config.n_routed_experts, lambda e: load_expert(reader, i, e), on_expert,
-                         prefetch=lambda e: reader.will_need_expert(i, e))
-    shared = layer.mlp.shared_experts
-    if shared is not None:
-        load_piece(reader, shared, prefix + "mlp.shared_experts.")
-        y = y + shared(flat)
-        free_piece(shared)
-    x = x + rearrange(y, "(b t) h -> b t h", b=B)
-    record = {"indices": routing.indices, "weights": routing.weights, "experts_loaded": needed}
+    loaded = layer.mlp.experts.provider.loaded
+    record = {"indices": routing.indices, "weights": routing.weights, "experts_loaded": loaded}
     return x, max_logit, record
 
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..config import K2Config
 from ..model import K2ForCausalLM
 from ..rope import rope_frequencies
-from .names import hf_tensor_names, is_ignored, is_scale
+from .names import hf_tensors, is_ignored, is_scale
 from .reader import INDEX, CheckpointError, CheckpointReader
 
 
@@ -46,12 +46,7 @@ def _load(reader: CheckpointReader, dtype, device, progress) -> K2ForCausalLM:
     for layer in model.moe_layers():
         layer.mlp.gate.e_score_correction_bias = layer.mlp.gate.e_score_correction_bias.float()
     model = model.to_empty(device=device)
-    targets = {n: p.detach() for n, p in model.named_parameters()}  # detached views share the storage
-    targets.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
-
-    plan = []  # (hf_name, destination tensor)
-    for hf, name, expert in hf_tensor_names(targets, config.n_routed_experts):
-        plan.append((hf, targets[name] if expert is None else targets[name][expert]))
+    plan = hf_tensors(model)  # (hf_name, destination tensor sharing the model's storage)
     missing = [hf for hf, _ in plan if hf not in reader]
     if missing:
         raise CheckpointError(

@@ -8,6 +8,10 @@ k2mini mirrors HF names one to one, except routed experts: HF stores
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 STACKED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
@@ -72,3 +76,13 @@ def hf_tensor_names(k2_names, n_experts: int) -> list[tuple[str, str, int | None
         stacked = STACKED_RE.match(name) is not None
         out.extend((hf, name, e if stacked else None) for e, hf in enumerate(parts))
     return out
+
+
+def hf_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of everything a checkpoint of `model` holds, in the model's order: each
+    parameter (one expert's slice of a stacked one, a view sharing its storage) and the routers'
+    correction biases. Detached: loading writes into these tensors, saving reads them."""
+    tensors = {n: p.detach() for n, p in model.named_parameters()}
+    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+    names = hf_tensor_names(tensors, model.config.n_routed_experts)
+    return [(hf, tensors[name] if expert is None else tensors[name][expert]) for hf, name, expert in names]

@@ -19,17 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import temp_dir
+from ..config import K2_QUANTIZATION_CONFIG
 from .fp8 import quantize_fp8, scale_shape
-from .names import hf_tensor_names, is_fp8_quantized, scale_name
+from .names import hf_tensors, is_fp8_quantized, scale_name
 from .reader import CONFIG, INDEX
 from .safetensors_format import DTYPE_NAMES, DTYPES, encode_header, tensor_bytes
-
-K2_QUANTIZATION_CONFIG = {
-    "activation_scheme": "dynamic",
-    "fmt": "e4m3",
-    "quant_method": "fp8",
-    "weight_block_size": [128, 128],
-}
 
 
 def save_pretrained(
@@ -86,16 +80,13 @@ def save_pretrained(
 
 def _plan(model, fp8, dtype) -> list[dict]:
     """One group per HF weight (fp8: weight + its scale, kept in the same shard)."""
-    tensors = {n: p for n, p in model.named_parameters()}
-    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
     groups = []
-    for hf, name, expert in hf_tensor_names(tensors, model.config.n_routed_experts):
-        source = tensors[name] if expert is None else tensors[name][expert]
+    for hf, source in hf_tensors(model):
         if fp8 and is_fp8_quantized(hf):
             shape = tuple(source.shape)
             entries = [(hf, "F8_E4M3", shape), (scale_name(hf), "F32", scale_shape(shape))]
         else:
-            out = torch.float32 if name.endswith("e_score_correction_bias") else (dtype or source.dtype)
+            out = torch.float32 if hf.endswith("e_score_correction_bias") else (dtype or source.dtype)
             entries = [(hf, DTYPE_NAMES[out], tuple(source.shape))]
         groups.append({"tensors": entries, "source": source})
     return groups

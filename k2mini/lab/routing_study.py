@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..config import K2Config
+from ..moe import choose_experts, mixing_weights
 from .experiments import RunResult, RunSpec
 
 __all__ = [
@@ -36,7 +37,8 @@ __all__ = [
 
 def routing_walkthrough(scores: torch.Tensor, gate, tokens: Sequence[str] | None = None, *,
                         expected: tuple[torch.Tensor, torch.Tensor] | None = None, decimals: int = 3) -> pd.DataFrame:  # fmt: skip
-    """K2's routing (K2_SPEC section 4) redone stage by stage from the sigmoid scores, one row per token.
+    """K2's routing (K2_SPEC section 4) stage by stage from the sigmoid scores, one row per token, computed
+    by the steps `route()` is made of (`choose_experts`, `mixing_weights`).
 
     scores: (N, E) sigmoid scores (e.g. a RouterRecord's `scores[b, :N]`); gate: the layer's `Router`
     (its correction bias, top_k, normalization and scaling factor; n_group must be 1). Columns: the
@@ -49,12 +51,12 @@ def routing_walkthrough(scores: torch.Tensor, gate, tokens: Sequence[str] | None
         raise ValueError("routing_walkthrough covers n_group = 1 (K2); grouped routing restricts the top-k")
     with torch.no_grad():
         s = scores.detach().to(torch.float32)  # (N, E), unbiased
-        k = gate.top_k
-        raw_top = s.topk(k, dim=-1).indices  # what the router would pick without the bias
-        chosen = (s + gate.e_score_correction_bias).topk(k, dim=-1).indices  # the bias picks experts...
+        k, bias = gate.top_k, gate.e_score_correction_bias
+        raw_top = choose_experts(s, torch.zeros_like(bias), k)  # what the router would pick without the bias
+        chosen = choose_experts(s, bias, k)  # the bias picks experts...
         w = s.gather(1, chosen)  # ...but the weights come from the unbiased scores
-        w_norm = w / (w.sum(-1, keepdim=True) + 1e-20) if gate.norm_topk_prob else w
-        w_final = w_norm * gate.routed_scaling_factor
+        w_norm = mixing_weights(s, chosen, gate.norm_topk_prob)  # route()'s steps, scaling factor 1
+        w_final = mixing_weights(s, chosen, gate.norm_topk_prob, gate.routed_scaling_factor)
         if expected is not None:
             idx, wt = (t.reshape(len(s), k) for t in expected)
             mine, theirs = chosen.sort(-1), idx.sort(-1)
