@@ -131,6 +131,23 @@ class K2ForCausalLM(nn.Module):
     def moe_layers(self) -> list[DecoderLayer]:
         return [layer for layer in self.model.layers if layer.is_moe]
 
+    def compile_layers(self, **compile_kwargs) -> "K2ForCausalLM":
+        """Opt-in torch.compile of every layer's static-shaped parts, in place: attention, norms, dense
+        FFNs, shared experts. The routed experts stay eager: how many tokens each expert gets changes
+        every step, and tracing those shapes costs more than it saves. Same function, to float
+        tolerance (inductor fuses the elementwise work); the first steps pay the compilation
+        (about a minute on 2 CPU cores). Meant for training at one batch shape: a new shape (each
+        decoding step's length) compiles again. benchmarks/bench_train_step.py --compile measures it.
+        """
+        for layer in self.model.layers:
+            parts = [layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm]
+            parts.append(layer.mlp.shared_experts if layer.is_moe else layer.mlp)
+            for part in parts:
+                if part is not None:
+                    part.compile(**compile_kwargs)
+        self.model.norm.compile(**compile_kwargs)
+        return self
+
     def _check_ids(self, input_ids: torch.Tensor):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")

@@ -232,3 +232,20 @@ def test_config_json_with_wrong_shape_is_named(saved_micro):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="config.json.*n_group"):
         k2mini.load_pretrained(path, progress=False)
+
+
+def test_compile_layers_gives_the_same_logits_and_gradients():
+    """The opt-in torch.compile of the static parts changes speed, not the function."""
+    config = K2Config.preset("k2-micro")
+    eager, compiled = random_model(config, seed=8).train(), random_model(config, seed=8).train()
+    compiled.compile_layers()
+    ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(9))
+    outs = []
+    for model in (eager, compiled):
+        out = model(ids, telemetry=True)
+        out.logits.logsumexp(-1).mean().backward()
+        outs.append((out.logits.detach(), out.telemetry.max_logits, model.moe_layers()[0].mlp.gate.weight.grad))
+    (a, ma, ga), (b, mb, gb) = outs
+    assert (a - b).abs().max() < 1e-4
+    assert torch.allclose(ma, mb, rtol=1e-4, atol=1e-5)
+    assert (ga - gb).abs().max() <= 1e-4 * ga.abs().max()
