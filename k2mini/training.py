@@ -2,7 +2,8 @@
 
 `train(model, data, optimizer, steps)` returns a pandas DataFrame with one row per logged step. Runs are
 deterministic given a seed on a given machine (batches are a function of (seed, step)), checkpoint
-atomically, resume to the same numbers, and stop cleanly on a non-finite loss.
+atomically (keeping the previous checkpoint too; see train_checkpoints.py), resume to the same numbers,
+and stop cleanly when the loss, a gradient, a max logit or the weights stop being finite.
 Under `torchrun` (torch.distributed initialized) each rank takes its share of every global batch and
 gradients are averaged by DistributedDataParallel; router loads and max logits are reduced across ranks
 so the correction-bias update and QK-Clip are identical everywhere.
@@ -25,9 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
 from .balance import METHODS, loss_free_update, max_violation, sequence_aux_loss, switch_aux_loss
 from .optim.max_logits import TakesMaxLogits
+from .optim.muon import NonFiniteGradientError
+from .train_checkpoints import (LAST, check_settings, existing_checkpoints, load_checkpoint, newest_good,
+                                run_settings, save_checkpoint)
 
 __all__ = [
     "train",
@@ -44,7 +47,9 @@ __all__ = [
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised (with on_nonfinite="raise") when the training loss stops being finite."""
+    """Raised (with on_nonfinite="raise") when training diverges: the loss, the gradient norm, a max
+    attention logit or (at a checkpoint) a weight stops being finite. The message names the step, what
+    was not finite and the last good checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,18 +125,19 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 @dataclass
 class StepResult:
-    """What one step measured, reduced across ranks. Only `loss` is set when it was not finite (the
-    step then changed nothing)."""
+    """What one step measured, reduced across ranks. When something was not finite, `problem` says what
+    (e.g. "training loss became nan") and the step changed nothing."""
 
     loss: float  # mean next-token cross-entropy of the global batch
     aux_loss: float = 0.0  # the balancing loss added to it (aux_loss / loss_free+seq_aux)
     grad_norm: float = float("nan")  # before clipping
     max_logits: torch.Tensor | None = None  # (layers, heads), max over ranks
     loads: torch.Tensor | None = None  # (moe layers, E) token-slots, summed over ranks
+    problem: str | None = None  # what was not finite, if anything
 
     @property
     def finite(self) -> bool:
-        return math.isfinite(self.loss)
+        return self.problem is None and math.isfinite(self.loss)
 
 
 def _local_batch(data, step: int, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,12 +199,20 @@ def train_step(model, net, optimizer, data, step: int, cfg: TrainConfig) -> Step
     aux = _balancing_loss(tel.routers, cfg, device)
     loss_value = _all_reduce(lm_loss.detach().clone()).item() / world
     if not math.isfinite(loss_value):
-        return StepResult(loss=loss_value)
+        return StepResult(loss=loss_value, problem=f"training loss became {loss_value}")
 
     grad_norm = _backward(model, optimizer, lm_loss + aux, cfg.grad_clip)
     max_logits = _all_reduce(tel.max_logits.detach().clone(), dist.ReduceOp.MAX if world > 1 else None)
     loads = _all_reduce(tel.loads.detach().clone()) if tel.routers else None
-    _optimizer_step(optimizer, max_logits)
+    # the same checks for every optimizer, before any of them changes a weight
+    if not math.isfinite(grad_norm):
+        return StepResult(loss_value, grad_norm=grad_norm, problem=f"gradient norm became {grad_norm}")
+    if not bool(torch.isfinite(max_logits).all()):
+        return StepResult(loss_value, grad_norm=grad_norm, problem="a max attention logit became inf or nan")
+    try:
+        _optimizer_step(optimizer, max_logits)
+    except NonFiniteGradientError as e:  # the optimizer's own check; it changed nothing
+        return StepResult(loss_value, grad_norm=grad_norm, problem=f"a gradient became non-finite ({e})")
     if cfg.balancing.startswith("loss_free") and loads is not None:
         _update_correction_biases(model.moe_layers(), loads, cfg.bias_update_speed)
     return StepResult(loss_value, float(aux.detach()), grad_norm, max_logits, loads)
@@ -269,9 +283,9 @@ def history_row(step: int, result: StepResult, optimizer, moe_layers, cfg: Train
     return row
 
 
-def _nonfinite_row(step: int, loss: float, optimizer, cfg: TrainConfig, wall_time: float) -> dict:
-    return {"step": step, "tokens": (step + 1) * cfg.batch_size * cfg.seq_len,
-            "lr": optimizer.param_groups[0]["lr"], "train_loss": loss, "wall_time": wall_time}
+def _nonfinite_row(step: int, result: StepResult, optimizer, cfg: TrainConfig, wall_time: float) -> dict:
+    return {"step": step, "tokens": (step + 1) * cfg.batch_size * cfg.seq_len, "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": result.loss, "grad_norm": result.grad_norm, "wall_time": wall_time}
 
 
 def _history_frame(rows: list[dict], cfg: TrainConfig, stop_reason: str, world: int):
@@ -287,36 +301,36 @@ def _history_frame(rows: list[dict], cfg: TrainConfig, stop_reason: str, world: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: <checkpoint_dir>/last.pt, written atomically by rank 0
+# Checkpoints: <checkpoint_dir>/last.pt and prev.pt, written by rank 0 (train_checkpoints.py)
 
 
-def save_checkpoint(path: str, model, optimizer, step: int, rows: list, cfg: TrainConfig) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "rows": rows,
-        "train_config": asdict(cfg),
-    }
-    with atomic_write(path) as f:  # a reader sees the old checkpoint or the new one, never half of one
-        torch.save(state, f)
-
-
-def resume_from(path: str, model, optimizer) -> tuple[list[dict], int]:
-    """Load model and optimizer state from a checkpoint; return its history rows and the next step."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def resume_from(path: str, model, optimizer, cfg: TrainConfig | None = None) -> tuple[list[dict], int]:
+    """Load model and optimizer state from a checkpoint (checksum verified); return its history rows and
+    the next step. With `cfg`, a checkpoint of other settings (model config, optimizer kind or
+    hyperparameters, training settings) is refused with a ValueError naming them, before anything loads."""
+    state = load_checkpoint(path)
+    if cfg is not None:
+        check_settings(path, state.get("settings"), run_settings(model, optimizer, cfg))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return list(state["rows"]), state["step"] + 1
 
 
-def _checkpoint_path(checkpoint_dir, resume: bool) -> str | None:
+def _checkpoint_path(checkpoint_dir, resume: bool, overwrite: bool) -> str | None:
     if checkpoint_dir is None:
         if resume:
             raise ValueError("resume=True needs a checkpoint_dir")
         return None
+    if resume and overwrite:
+        raise ValueError("pass resume=True (continue the run in checkpoint_dir) or overwrite=True (replace it), not both")
+    found = existing_checkpoints(checkpoint_dir)
+    if found and not resume and not overwrite:
+        raise FileExistsError(
+            f"{found[0]}: checkpoint_dir holds another run's checkpoint; pass resume=True to continue it, "
+            "overwrite=True to replace it, or another checkpoint_dir"
+        )
     os.makedirs(checkpoint_dir, exist_ok=True)
-    return os.path.join(os.fspath(checkpoint_dir), "last.pt")
+    return os.path.join(os.fspath(checkpoint_dir), LAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,15 +347,34 @@ def _resolve_config(steps: int | None, config: TrainConfig | None, kwargs: dict)
     return config
 
 
-def _stop_on_nonfinite(loss: float, step: int, ckpt_path: str | None, on_nonfinite: str) -> str:
-    """Raise NonFiniteLossError, or warn; returns the stop reason."""
-    last_good = ckpt_path and os.path.exists(ckpt_path)
-    msg = (f"training loss became {loss} at step {step}; stopping. "
-           + (f"The last good checkpoint is {ckpt_path}." if last_good else "No checkpoint was written."))
+def _stop_on_nonfinite(problem: str, step: int, ckpt_path: str | None, on_nonfinite: str, reason: str,
+                       good_before: int | None = None) -> str:
+    """Raise NonFiniteLossError, or warn; returns the stop reason. The last good checkpoint is the newest
+    saved after a step < good_before - 1 (default `step`): later weights are the ones that diverged."""
+    good = newest_good(os.path.dirname(ckpt_path), step if good_before is None else good_before) if ckpt_path else None
+    msg = (f"{problem} at step {step}; stopping. "
+           + (f"The last good checkpoint is {good}." if good else "No good checkpoint was written."))
     if on_nonfinite == "raise":
         raise NonFiniteLossError(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)  # at train()'s caller
-    return f"non-finite loss at step {step}"
+    return reason
+
+
+def _problem_reason(result: StepResult, step: int) -> str:
+    if not math.isfinite(result.loss):
+        return f"non-finite loss at step {step}"
+    return f"non-finite gradient or max logit at step {step}"
+
+
+def _save_or_stop(ckpt_path, model, optimizer, step, rows, cfg, first: bool, on_nonfinite: str) -> str | None:
+    """Save a checkpoint after `step`; if the weights or optimizer state are not finite, save nothing
+    and stop as for a divergence (returns the stop reason)."""
+    try:
+        save_checkpoint(ckpt_path, model, optimizer, step, rows, cfg, keep_previous=not first)
+    except FloatingPointError as e:
+        return _stop_on_nonfinite(f"{e}", step, ckpt_path, on_nonfinite,
+                                  f"non-finite weights after step {step}", good_before=step + 1)
+    return None
 
 
 def train(
@@ -354,6 +387,7 @@ def train(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_nonfinite: str = "stop",
+    overwrite: bool = False,
     progress: bool = True,
     callback=None,
     **kwargs,
@@ -370,6 +404,15 @@ def train(
 
     History columns: see `history_row`, plus wall_time. `history.attrs` holds the run's settings and
     how it ended. `callback(step, last row or None)` runs after every step.
+
+    Checkpoints (every `checkpoint_every` steps and at the end, into `checkpoint_dir`): `last.pt`, and
+    `prev.pt` the one before. `resume=True` continues from `last.pt` (refused, by name, if its settings
+    differ; a damaged file is a `CheckpointDamagedError`); a directory that holds another run's
+    checkpoints is refused unless `resume=True` or `overwrite=True`.
+    Divergence (a non-finite loss, gradient norm or max logit, or non-finite weights at a checkpoint)
+    changes nothing and, with `on_nonfinite="stop"`, ends the run with a RuntimeWarning and
+    `history.attrs["stop_reason"]`; with `"raise"`, a NonFiniteLossError naming the step. Either
+    names the last good checkpoint, and no non-finite state is ever saved.
     """
     cfg = _resolve_config(steps, config, kwargs)
     if on_nonfinite not in ("stop", "raise"):
@@ -383,11 +426,12 @@ def train(
     for g in optimizer.param_groups:
         g.setdefault("peak_lr", g["lr"])
 
-    ckpt_path = _checkpoint_path(checkpoint_dir, resume)
+    ckpt_path = _checkpoint_path(checkpoint_dir, resume, overwrite)
     rows: list[dict] = []
     start = 0
     if resume and os.path.exists(ckpt_path):
-        rows, start = resume_from(ckpt_path, model, optimizer)
+        rows, start = resume_from(ckpt_path, model, optimizer, cfg)
+    first_save = not resume  # a new run's first save drops an overwritten run's prev.pt
 
     model.train()
     stop_reason = "completed"
@@ -396,8 +440,9 @@ def train(
     for step in bar:
         result = train_step(model, net, optimizer, data, step, cfg)
         if not result.finite:
-            stop_reason = _stop_on_nonfinite(result.loss, step, ckpt_path, on_nonfinite)
-            rows.append(_nonfinite_row(step, result.loss, optimizer, cfg, time.perf_counter() - t0))
+            stop_reason = _stop_on_nonfinite(result.problem, step, ckpt_path, on_nonfinite,
+                                             _problem_reason(result, step))
+            rows.append(_nonfinite_row(step, result, optimizer, cfg, time.perf_counter() - t0))
             break
         if cfg.logs_at(step):
             row = history_row(step, result, optimizer, moe_layers, cfg)
@@ -409,8 +454,14 @@ def train(
         if callback is not None:
             callback(step, rows[-1] if rows else None)
         if ckpt_path and rank == 0 and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, model, optimizer, step, rows, cfg)
+            stop_reason = _save_or_stop(ckpt_path, model, optimizer, step, rows, cfg, first_save, on_nonfinite)
+            first_save = False
+            if stop_reason is not None:
+                break
+            stop_reason = "completed"
     bar.close()
-    if ckpt_path and rank == 0 and stop_reason == "completed" and cfg.steps > start:
-        save_checkpoint(ckpt_path, model, optimizer, cfg.steps - 1, rows, cfg)
+    saved_last = cfg.checkpoint_every and cfg.steps % cfg.checkpoint_every == 0  # prev.pt must stay the one before
+    if ckpt_path and rank == 0 and stop_reason == "completed" and cfg.steps > start and not saved_last:
+        stop_reason = _save_or_stop(ckpt_path, model, optimizer, cfg.steps - 1, rows, cfg, first_save,
+                                    on_nonfinite) or "completed"
     return _history_frame(rows, cfg, stop_reason, world)
