@@ -212,3 +212,68 @@ def test_muonclip_step_needs_well_shaped_max_logits_and_changes_nothing_otherwis
         opt.step(max_logits=S[:, :3])
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert not opt.state  # no optimizer state was created either
+
+
+def _stepped_state(model, opt):
+    """Weights, optimizer state and QK-Clip counters, copied."""
+    import copy
+
+    return ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+
+
+def _same(a, b):
+    (wa, sa), (wb, sb) = a, b
+    assert all(torch.equal(x, y) for x, y in zip(wa, wb))
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        assert all(torch.equal(sa["state"][k][n], sb["state"][k][n]) for n in sa["state"][k]), k
+    assert torch.equal(sa["qk_clip"]["clip_counts"], sb["qk_clip"]["clip_counts"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_muonclip_step_with_non_finite_max_logits_is_all_or_nothing(bad):
+    """Before: ValueError from qk_clip_ after every parameter and its momentum had been updated."""
+    model = _model()
+    opt = build_optimizer(model, "muonclip", lr=1e-2, tau=TAU)
+    for _ in range(2):  # one good step first, so there is state to keep
+        loss, S = _loss(model, _ids())
+        loss.backward()
+        if not opt.state:
+            opt.step(max_logits=S)
+            opt.zero_grad()
+    before = _stepped_state(model, opt)
+    S = S.clone()
+    S[1, 2] = bad
+    with pytest.raises(ValueError, match=r"max_logits holds inf or nan at \(layer, head\) \[\[1, 2\]\]"):
+        opt.step(max_logits=S)
+    _same(before, _stepped_state(model, opt))
+
+
+@pytest.mark.parametrize("kind", ["muon", "adamw"])
+def test_every_kind_checks_max_logits_before_stepping(kind):
+    model = _model()
+    opt = build_optimizer(model, kind, lr=1e-2)
+    loss, S = _loss(model, _ids())
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad in ([1.0, 2.0], S[0], "S"):  # MuonAdamW has no model to know the shape from; it needs (layers, heads)
+        with pytest.raises(ValueError, match="max_logits"):
+            opt.step(max_logits=bad)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)) and not opt.state
+    opt.step(max_logits=S)  # well-formed ones are recorded
+
+
+@pytest.mark.parametrize("kind", ["muonclip", "muon", "adamw"])
+@pytest.mark.parametrize("key,value", [("lr", float("nan")), ("lr", -1.0), ("weight_decay", float("inf")),
+                                       ("lr", "0.1")])
+def test_a_group_hyperparameter_changed_after_construction_is_checked_before_any_parameter_moves(kind, key, value):
+    """A scheduler (or a hand) can set a group's lr to nan; the step used to apply it group by group."""
+    model = _model()
+    opt = build_optimizer(model, kind, lr=1e-2, tau=TAU)
+    loss, S = _loss(model, _ids())
+    loss.backward()
+    opt.param_groups[-1][key] = value  # the last group: every other group would step first
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"param_groups\[{len(opt.param_groups) - 1}\].*{key}"):
+        opt.step(max_logits=S)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)) and not opt.state

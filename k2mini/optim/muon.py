@@ -192,6 +192,7 @@ class Muon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._validate_groups()  # a group's lr or decay may have been changed since construction
         work = self._collect()  # [(group_index, group, params, grads, grad_norms)]
         metrics: dict[str, torch.Tensor | float] = {}
         for gi, group, params, grads, grad_norms in work:
@@ -203,6 +204,15 @@ class Muon(Optimizer):
             metrics[f"lr/{name}"] = float(group["lr"])
         self._pending_metrics = metrics
         return loss
+
+    def _validate_groups(self) -> None:
+        """ValueError naming the group whose hyperparameters are impossible, before any parameter moves."""
+        for gi, group in enumerate(self.param_groups):
+            try:
+                self._validate_group(group, gi)
+            except (ValueError, TypeError) as e:
+                name = f" ({group['name']})" if "name" in group else ""
+                raise ValueError(f"param_groups[{gi}]{name}: {e}; the step was not taken") from None
 
     def _collect(self) -> list[tuple[int, dict, list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
         """Params with a gradient per group, their gradient norms, and the finiteness check."""

@@ -82,7 +82,8 @@ class MuonAdamW(Muon, TakesMaxLogits):
         if group["use_muon"]:
             return super()._validate_group(group, group_index)
         beta1, beta2 = group["betas"]
-        if not (0.0 <= float(group["lr"]) < math.inf):
+        lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) and group["lr"].numel() == 1 else group["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
             raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
         if not 0.0 <= group["weight_decay"] < math.inf:
             raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
@@ -93,6 +94,11 @@ class MuonAdamW(Muon, TakesMaxLogits):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, max_logits: torch.Tensor | None = None) -> Any:
+        if max_logits is not None and not (isinstance(max_logits, torch.Tensor) and max_logits.ndim == 2):
+            raise ValueError(
+                "max_logits must be a (layers, heads) tensor such as out.telemetry.max_logits, got "
+                + (f"shape {tuple(max_logits.shape)}" if isinstance(max_logits, torch.Tensor) else type(max_logits).__name__)
+            )
         loss = self._take_step(closure)
         if max_logits is not None:
             self._pending_metrics.update(max_logit_metrics(max_logits.detach()))

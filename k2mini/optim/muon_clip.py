@@ -10,7 +10,7 @@ from torch import nn
 
 from .max_logits import max_logit_metrics
 from .muon_adamw import MuonAdamW
-from .qk_clip import attention_modules, check_max_logits, check_tau, qk_clip_
+from .qk_clip import attention_modules, check_finite_max_logits, check_max_logits, check_tau, qk_clip_
 
 __all__ = ["MuonClip"]
 
@@ -20,7 +20,7 @@ class MuonClip(MuonAdamW):
 
     Call ``opt.step(max_logits=out.telemetry.max_logits)`` with the max logits of the forward pass
     whose gradients are being applied. The step validates max_logits first (nothing changes on a bad
-    shape), runs Muon/AdamW, then ``qk_clip_(model, max_logits, tau)``.
+    shape or an inf/nan entry), runs Muon/AdamW, then ``qk_clip_(model, max_logits, tau)``.
 
     Metrics (``last_metrics``), besides the optimizer's: ``max_logit`` and ``max_logit/layer{l}``
     (before the clip), ``qk_clip/heads_clipped`` this step, ``qk_clip/frac_heads_ever_clipped``.
@@ -46,7 +46,7 @@ class MuonClip(MuonAdamW):
                 "MuonClip.step needs max_logits: run the forward as model(input_ids, telemetry=True) and "
                 "call opt.step(max_logits=out.telemetry.max_logits)"
             )
-        max_logits = check_max_logits(self.model, max_logits)
+        max_logits = check_finite_max_logits(check_max_logits(self.model, max_logits))  # before anything moves
         loss = self._take_step(closure)
         self._pending_metrics.update(max_logit_metrics(max_logits))
         gamma = qk_clip_(self.model, max_logits, self.tau)

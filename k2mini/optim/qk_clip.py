@@ -27,7 +27,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-__all__ = ["qk_clip_", "clip_factors", "attention_modules", "check_max_logits", "check_tau"]
+__all__ = ["qk_clip_", "clip_factors", "attention_modules", "check_max_logits", "check_finite_max_logits", "check_tau"]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -50,6 +50,17 @@ def check_max_logits(model: nn.Module, max_logits: torch.Tensor) -> torch.Tensor
             f"{tuple(max_logits.shape)}; pass out.telemetry.max_logits from model(input_ids, telemetry=True)"
         )
     return max_logits.detach().to(torch.float32)
+
+
+def check_finite_max_logits(S: torch.Tensor) -> torch.Tensor:
+    """S itself; ValueError naming the (layer, head) entries that are inf or nan."""
+    if not torch.isfinite(S).all():
+        bad = (~torch.isfinite(S)).nonzero().tolist()
+        raise ValueError(
+            f"max_logits holds inf or nan at (layer, head) {bad}: the forward pass has already diverged "
+            "and QK-Clip cannot rescale a head to a finite cap"
+        )
+    return S
 
 
 def clip_factors(max_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -96,13 +107,7 @@ def qk_clip_(model: nn.Module, max_logits: torch.Tensor, tau: float) -> torch.Te
         the head was left alone.
     """
     check_tau(tau)
-    S = check_max_logits(model, max_logits)
-    if not torch.isfinite(S).all():
-        bad = (~torch.isfinite(S)).nonzero().tolist()
-        raise ValueError(
-            f"max_logits holds inf or nan at (layer, head) {bad}: the forward pass has already diverged "
-            "and QK-Clip cannot rescale a head to a finite cap"
-        )
+    S = check_finite_max_logits(check_max_logits(model, max_logits))
     gamma = clip_factors(S, tau)
     layer_clipped = (S > tau).any(dim=1).tolist()  # the one host sync
 
