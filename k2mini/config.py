@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,7 @@ class K2Config:
         def bad(name, why):
             raise ValueError(f"K2Config.{name}: {why} (got {getattr(self, name)!r})")
 
+        self._validate_types(bad)
         for name in (
             "vocab_size",
             "hidden_size",
@@ -110,13 +112,12 @@ class K2Config:
             "topk_group",
         ):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 bad(name, "must be a positive integer")
-        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
-            bad("n_shared_experts", "must be a non-negative integer")
-        if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
-            bad("first_k_dense_replace", "must be a non-negative integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+        for name in ("n_shared_experts", "first_k_dense_replace"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "must be a non-negative integer")
+        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or self.q_lora_rank <= 0):
             bad("q_lora_rank", "must be a positive integer or None")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "must be even (rope rotates pairs)")
@@ -136,8 +137,24 @@ class K2Config:
             bad("topk_method", "only 'noaux_tc' (K2 / DeepSeek-V3) is supported")
         if self.hidden_act != "silu":
             bad("hidden_act", "only 'silu' is supported")
-        if self.rope_theta <= 0:
-            bad("rope_theta", "must be positive")
+
+    def _validate_types(self, bad) -> None:
+        """Booleans are JSON booleans (the string "false" is not false), numbers finite and in range."""
+        for name in ("norm_topk_prob", "tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false (a boolean, not a string or a number)")
+        for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta"):
+            if not _is_real(getattr(self, name)) or not getattr(self, name) > 0:
+                bad(name, "must be a finite number > 0")
+        if not _is_real(self.initializer_range) or self.initializer_range < 0:
+            bad("initializer_range", "must be a finite number >= 0")
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings <= 0:
+            bad("max_position_embeddings", "must be a positive integer")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) and name == "eos_token_id" else [v]
+            if v is not None and not all(_is_int(i) and i >= 0 for i in ids):
+                bad(name, "must be a non-negative integer or null" + (" (or a list of them)" if name == "eos_token_id" else ""))
 
     # ----------------------------------------------------------------- HF conversion
     @classmethod
@@ -313,7 +330,25 @@ def _normalize_rope_scaling(rs: dict) -> dict | None:
     for k in YARN_KEYS:
         if k in rs and rs[k] is not None:
             out[k] = rs[k]
+    for k, v in out.items():
+        if k == "original_max_position_embeddings":
+            if not _is_int(v) or v <= 0:
+                raise ValueError(f"K2Config.rope_scaling: {k} must be a positive integer (got {v!r})")
+        elif k == "truncate":
+            if not isinstance(v, bool):
+                raise ValueError(f"K2Config.rope_scaling: {k} must be true or false (got {v!r})")
+        elif k != "rope_type" and (not _is_real(v) or (k == "factor" and not v > 0)):
+            raise ValueError(f"K2Config.rope_scaling: {k} must be a finite number{' > 0' if k == 'factor' else ''} (got {v!r})")
     return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    """A finite int or float (not a bool, not a numeric string)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
@@ -330,6 +365,8 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
         scaling = _normalize_rope_scaling(scaling) if scaling else None
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    if not _is_real(theta) or not theta > 0:
+        raise ValueError(f"{where}: K2Config.rope_theta: must be a finite number > 0 (got {theta!r})")
     return float(theta), scaling
 
 

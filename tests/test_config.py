@@ -118,3 +118,43 @@ def test_missing_field_is_named():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         K2Config.preset("gpt-5")
+
+
+NAN, INF = float("nan"), float("inf")
+TYPED_BAD_VALUES = [  # (field, value): each used to load (and fail or give NaN later) or was silently truthy
+    ("tie_word_embeddings", "false"), ("tie_word_embeddings", 0), ("tie_word_embeddings", None),
+    ("norm_topk_prob", "true"), ("norm_topk_prob", 1), ("attention_bias", "no"),
+    ("rms_norm_eps", "1e-6"), ("rms_norm_eps", 0.0), ("rms_norm_eps", -1e-6), ("rms_norm_eps", NAN), ("rms_norm_eps", INF),
+    ("routed_scaling_factor", "2.827"), ("routed_scaling_factor", 0), ("routed_scaling_factor", NAN),
+    ("routed_scaling_factor", -INF), ("routed_scaling_factor", True),
+    ("rope_theta", "50000"), ("rope_theta", NAN), ("rope_theta", INF), ("rope_theta", 0),
+    ("initializer_range", -0.02), ("initializer_range", NAN), ("initializer_range", "0.02"),
+    ("max_position_embeddings", 0), ("max_position_embeddings", "4096"), ("max_position_embeddings", 4096.0),
+    ("n_shared_experts", True), ("n_shared_experts", 1.0), ("first_k_dense_replace", False),
+    ("q_lora_rank", True), ("hidden_size", 7168.0), ("num_experts_per_tok", -8),
+    ("bos_token_id", "163584"), ("eos_token_id", -1), ("eos_token_id", [163585, "x"]), ("pad_token_id", 1.5),
+]
+
+
+@pytest.mark.parametrize("field,value", TYPED_BAD_VALUES)
+def test_config_values_are_checked_by_type_and_range_naming_the_field(field, value, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(K2_CONFIG_JSON, **{field: value})))
+    with pytest.raises(ValueError, match=rf"{path}: K2Config\.{field}: must be"):
+        K2Config.from_hf(path)
+    with pytest.raises(ValueError, match=rf"K2Config\.{field}"):  # the dataclass itself checks the same
+        K2Config(**{**K2Config.preset("k2-micro").to_dict(), field: value})
+
+
+@pytest.mark.parametrize("key,value", [("factor", "32"), ("factor", 0), ("factor", NAN), ("mscale", INF),
+                                       ("original_max_position_embeddings", 4096.5), ("beta_fast", "1")])
+def test_yarn_values_are_checked_too(key, value):
+    d = dict(K2_CONFIG_JSON, rope_scaling={**K2_CONFIG_JSON["rope_scaling"], key: value})
+    with pytest.raises(ValueError, match=rf"rope_scaling.*{key}"):
+        K2Config.from_hf(d)
+
+
+def test_good_numbers_in_other_json_spellings_still_load():
+    c = K2Config.from_hf(dict(K2_CONFIG_JSON, rope_theta=50000, routed_scaling_factor=2, eos_token_id=[1, 2],
+                              pad_token_id=None, rms_norm_eps=1e-5))
+    assert c.rope_theta == 50000.0 and c.routed_scaling_factor == 2 and c.eos_token_id == [1, 2]
