@@ -219,3 +219,29 @@ def test_fuzzed_shards_never_load_wrong_weights(corruption):
             return
     assert kind == "flip"
     assert all(torch.equal(state[k], v) for k, v in f["state"].items())
+
+
+BIAS = "model.layers.2.mlp.gate.e_score_correction_bias"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_correction_bias_is_named_not_routed_on(ckpt, bad):
+    """A NaN bias used to route every token to the same experts without a word."""
+    shard = shard_of(ckpt, BIAS)
+    rewrite(shard, lambda t: t[BIAS].__setitem__(3, bad))
+    with raises(shard, BIAS + "' holds inf or nan"):
+        load_pretrained(ckpt, progress=False)
+    with raises(shard, BIAS):
+        CheckpointReader(ckpt).get(BIAS)
+    from k2mini.analysis import router_summary
+
+    with raises(shard, BIAS):
+        router_summary(ckpt, progress=False)
+
+
+def test_a_string_boolean_in_config_json_is_named(ckpt):
+    """"tie_word_embeddings": "false" used to be taken as true, dropping the checkpoint's own lm_head."""
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": "false"}))
+    with raises(ckpt / "config.json", "tie_word_embeddings: must be true or false"):
+        load_pretrained(ckpt, progress=False)

@@ -173,3 +173,58 @@ def test_interrupted_save_leaves_no_checkpoint(model, saved, tmp_path, monkeypat
         ["config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json", "tokenizer.json"]
     )
     assert sorted(os.listdir(tmp_path)) == ["new"]
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    """Used to fail: 'lm_head.weight missing'."""
+    torch.manual_seed(0)
+    tied = k2mini.K2ForCausalLM(k2mini.K2Config(**PARTIAL_BLOCKS, tie_word_embeddings=True)).eval()
+    path = save_pretrained(tied, tmp_path / "tied", progress=False)
+    with CheckpointReader(path) as reader:
+        assert "lm_head.weight" not in reader and "model.embed_tokens.weight" in reader
+    back = load_pretrained(path, progress=False)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert torch.equal(logits(back), logits(tied))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert (logits(hf) - logits(tied)).abs().max().item() <= 1e-4
+
+
+def test_save_never_deletes_files_it_did_not_write(model, tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    mine = {"model_backup.safetensors": b"a user's backup", "model.safetensors": b"not ours", "notes.txt": b"x"}
+    for name, data in mine.items():
+        (target / name).write_bytes(data)
+    save_pretrained(model, target, max_shard_bytes=150_000, progress=False)
+    assert all((target / n).read_bytes() == d for n, d in mine.items())
+    shards = sorted(p.name for p in target.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    # a second save replaces its own previous output (known from its index), and only that
+    save_pretrained(model, target, max_shard_bytes=10**9, progress=False)
+    assert sorted(os.listdir(target)) == sorted([*mine, "config.json", "model.safetensors.index.json",
+                                                 "model-00001-of-00001.safetensors"])
+    assert all((target / n).read_bytes() == d for n, d in mine.items())
+
+
+def test_save_refuses_to_replace_a_checkpoint_it_did_not_write(model, tmp_path):
+    target = tmp_path / "someone-elses"
+    target.mkdir()
+    (target / "config.json").write_text('{"model_type": "llama"}')
+    (target / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match=r"someone-elses.*config\.json.*not written by save_pretrained"):
+        save_pretrained(model, target, progress=False)
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["someone-elses"]  # no temporary directory left either
+    (target / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(FileExistsError, match=r"model\.safetensors\.index\.json"):
+        save_pretrained(model, target, progress=False)
+
+
+def test_the_next_save_cleans_up_after_an_interrupted_one(model, tmp_path):
+    stale = [tmp_path / ".ckpt.saving-0123456789ab.tmp", tmp_path / ".ckpt.saving-ba9876543210.tmp"]
+    for d in stale:  # what kill -9 during a save leaves behind
+        d.mkdir()
+        (d / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    (tmp_path / ".other.saving-0123456789ab.tmp").mkdir()  # another checkpoint's: not this save's business
+    save_pretrained(model, tmp_path / "ckpt", progress=False)
+    assert sorted(os.listdir(tmp_path)) == [".other.saving-0123456789ab.tmp", "ckpt"]

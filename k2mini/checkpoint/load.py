@@ -46,7 +46,9 @@ def _load(reader: CheckpointReader, dtype, device, progress) -> K2ForCausalLM:
     for layer in model.moe_layers():
         layer.mlp.gate.e_score_correction_bias = layer.mlp.gate.e_score_correction_bias.float()
     model = model.to_empty(device=device)
-    plan = hf_tensors(model)  # (hf_name, destination tensor sharing the model's storage)
+    if config.tie_word_embeddings:  # to_empty gave the head its own tensor; tie it again before planning
+        model.lm_head.weight = model.model.embed_tokens.weight
+    plan = hf_tensors(model)  # (hf_name, destination tensor sharing the model's storage); a tied head once
     missing = [hf for hf, _ in plan if hf not in reader]
     if missing:
         raise CheckpointError(
@@ -57,6 +59,7 @@ def _load(reader: CheckpointReader, dtype, device, progress) -> K2ForCausalLM:
         k
         for k in reader.keys()
         if k not in expected and not is_ignored(k, config.num_hidden_layers) and not is_scale(k)
+        and not (config.tie_word_embeddings and k == "lm_head.weight")  # transformers ignores it too
     ]
     if unexpected:
         raise CheckpointError(f"{reader.source}: tensors the config does not explain, e.g. {unexpected[:3]}")
@@ -71,6 +74,4 @@ def _load(reader: CheckpointReader, dtype, device, progress) -> K2ForCausalLM:
                 reader.get(hf, out=destination[hf])
     inv_freq, _ = rope_frequencies(config)
     model.inv_freq = inv_freq.to(device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

@@ -26,6 +26,7 @@ CONFIG = "config.json"
 READ_AHEAD_BYTES = 32 * 2**20  # how far ahead streaming reads ask the kernel for bytes (local files)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+CORRECTION_BIAS = "e_score_correction_bias"
 
 
 class CheckpointReader:
@@ -126,8 +127,16 @@ class CheckpointReader:
         """One tensor as `dtype` (fp8 weights dequantized); `rows` (a slice) reads only those rows.
 
         out: a destination of the right shape; its dtype wins over `dtype`, and the bytes go straight
-        into it (no intermediate copy of the whole tensor).
+        into it (no intermediate copy of the whole tensor). A router's correction bias must be finite:
+        a nan would silently send every token to the same experts.
         """
+        out = self._get(name, dtype, rows, out)
+        if name.endswith(CORRECTION_BIAS) and not bool(torch.isfinite(out).all()):
+            bad = (~torch.isfinite(out)).nonzero().flatten().tolist()
+            raise CheckpointError(f"{self.info(name).file}: tensor {name!r} holds inf or nan (at experts {bad[:8]})")
+        return out
+
+    def _get(self, name: str, dtype, rows, out):
         info = self.check(name)
         r0, r1 = _row_range(info, rows)
         shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
@@ -135,7 +144,7 @@ class CheckpointReader:
             if tuple(out.shape) != shape:
                 raise CheckpointError(f"{info.file}: tensor {name!r} has shape {shape}, the destination {tuple(out.shape)}")
             if out.device.type != "cpu" or not out.is_contiguous():
-                return out.copy_(self.get(name, out.dtype, rows))
+                return out.copy_(self._get(name, out.dtype, rows, None))
             dtype = out.dtype
         fp8 = info.dtype in FP8_DTYPES
         if fp8 and dtype in (torch.float8_e4m3fn, torch.float8_e5m2):

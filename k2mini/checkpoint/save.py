@@ -2,12 +2,16 @@
 sharded safetensors + index), optionally fp8-quantized the way Kimi-K2 publishes its weights.
 
 The checkpoint is written into a hidden temporary directory beside `path`, flushed to disk, and only
-then renamed to `path`: an interrupted save never leaves a directory that looks like a checkpoint.
+then renamed to `path`: an interrupted save never leaves a directory that looks like a checkpoint (the
+next save into `path` removes such leftovers). Over an existing `path`, only its previous checkpoint is
+replaced: config.json, the index and the shards the index names; every other file is carried over, and
+a config.json without an index (a checkpoint save_pretrained did not write) is never replaced.
 Tensors are produced and written one at a time, so memory stays at the model plus one tensor.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -39,20 +43,23 @@ def save_pretrained(
     fp8: store every attention and FFN Linear weight (dense, routed and shared experts) as float8_e4m3fn
     with a float32 `<name>_scale_inv` per 128x128 block, and say so in config.json's quantization_config.
     dtype: dtype of the other tensors (default: as in the model); the router's correction bias stays
-    float32. An existing `path` is replaced whole; files in it that are not part of a checkpoint
-    (tokenizer, README, ...) are carried over.
+    float32. In an existing `path`, the previous checkpoint (config.json, model.safetensors.index.json and
+    the shards it names) is replaced and every other file (tokenizer, README, a model_backup.safetensors)
+    carried over; a config.json there without an index is someone else's checkpoint: FileExistsError.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: exists and is not a directory")
+    previous = _previous_output(path)
     groups = _plan(model, fp8, dtype)
     shards = _split(groups, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(path.parent, f".{path.name}.saving-")  # it becomes `path`: not private like mkdtemp's
+    _remove_interrupted_saves(path)
+    tmp = temp_dir(path.parent, f".{path.name}{SAVING}")  # it becomes `path`: not private like mkdtemp's
     try:
         config = model.config.to_hf()
         config.pop("quantization_config", None)
@@ -69,7 +76,7 @@ def save_pretrained(
         index = {"metadata": {"total_size": sum(_group_bytes(g) for g in groups)}, "weight_map": dict(sorted(weight_map.items()))}
         _write_file(tmp / INDEX, (json.dumps(index, indent=2) + "\n").encode())
         if path.exists():
-            _carry_over(path, tmp)
+            _carry_over(path, tmp, previous)
         _fsync_dir(tmp)
         _swap_in(tmp, path)
     except BaseException:
@@ -136,14 +143,51 @@ def _write_file(path: Path, data: bytes):
         os.fsync(f.fileno())
 
 
-def _is_checkpoint_file(name: str) -> bool:
-    return name in (CONFIG, INDEX) or (name.startswith("model") and name.endswith(".safetensors"))
+SAVING = ".saving-"  # temporary directories are `.<name>.saving-<random>.tmp` beside the checkpoint
 
 
-def _carry_over(old: Path, new: Path):
+def _previous_output(path: Path) -> set[str]:
+    """Names in `path` that its previous checkpoint consists of (what a new save replaces); raises
+    FileExistsError, before anything is written, if `path` holds a checkpoint without a readable index."""
+    if not path.is_dir():
+        return set()
+    index = path / INDEX
+    if not index.exists():
+        if (path / CONFIG).exists():
+            raise FileExistsError(
+                f"{path / CONFIG}: a checkpoint not written by save_pretrained (it has no {INDEX}); "
+                "refusing to replace it: save into another directory or remove it first"
+            )
+        return set()
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        shards = {s for s in shards if isinstance(s, str) and os.path.basename(s) == s}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise FileExistsError(
+            f"{index}: unreadable ({type(e).__name__}), so which files are the old checkpoint is unknown; "
+            "refusing to replace them: save into another directory or fix the index"
+        ) from None
+    return {CONFIG, INDEX} | shards
+
+
+def _remove_interrupted_saves(path: Path) -> None:
+    """Temporary directories an interrupted (killed) save into `path` left beside it."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}{SAVING}*.tmp"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _carry_over(old: Path, new: Path, previous: set[str]):
     for entry in old.iterdir():
-        if not _is_checkpoint_file(entry.name):
-            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, new / entry.name)
+        if entry.name in previous:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name)
+            continue
+        try:
+            os.link(entry, new / entry.name)  # the same bytes, without copying them
+        except OSError:
+            shutil.copy2(entry, new / entry.name)
 
 
 def _swap_in(tmp: Path, path: Path):
