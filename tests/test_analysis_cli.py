@@ -59,3 +59,28 @@ def test_runs_as_a_module(setup):
     )
     assert proc.returncode == 0, proc.stderr
     assert "bias_std" in proc.stdout and "static: read" in proc.stdout
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_directory", "state_dir_under_a_file"])
+def test_outputs_that_cannot_be_written_are_refused_before_the_analysis_runs(setup, capsys, where):
+    """--out used to be found unwritable only after the whole analysis: traceback, results lost."""
+    ckpt, prose = str(setup / "ckpt"), str(setup / "prose.txt")
+    args = [ckpt, "--static", "--text", prose, "--seq-len", "32", "--no-progress"]
+    if where == "under_a_file":
+        args += ["--out", str(setup / "prose.txt" / "results.json")]
+    elif where == "a_directory":
+        args += ["--out", str(setup)]
+    else:
+        args += ["--out", str(setup / "ok.json"), "--state-dir", str(setup / "code.py" / "state")]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "--out" in captured.err or "--state-dir" in captured.err
+    assert "cannot be written" in captured.err and "static: read" not in captured.out  # nothing ran
+    assert not (setup / "ok.json").exists()
+
+
+def test_results_are_written_atomically(setup, capsys):
+    out = setup / "atomic" / "results.json"
+    assert main([str(setup / "ckpt"), "--static", "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["results.json"]  # no probe or temporary left
+    load_results(out)

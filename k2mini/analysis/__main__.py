@@ -6,12 +6,15 @@ SOURCE is a checkpoint directory, hf://owner/repo or an http(s) URL. --static su
 and correction biases from the weights alone (reading ~0.03% of K2's bytes); each --text file is
 tokenized with the checkpoint's own tokenizer and streamed through the model layer by layer, with
 routing counts kept per file (label: the file name, or LABEL=FILE). --out writes everything to one JSON
-file that `k2mini.analysis.load_results` reads back.
+file that `k2mini.analysis.load_results` reads back; it is checked to be writable before the analysis
+starts and written atomically (a temporary file beside it, renamed over it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -34,6 +37,23 @@ def _text_args(specs: list[str]) -> dict[str, str]:
             label, n = f"{base}-{n}", n + 1
         texts[label] = text
     return texts
+
+
+def _check_writable(option: str, path: str | None, is_dir: bool) -> None:
+    """Fail now, not after the analysis, if `path` cannot be written: create its folder and a probe file."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target if is_dir else target.parent
+    if not is_dir and target.is_dir():
+        raise ValueError(f"{option} {path}: cannot be written: it is a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{target.name}.probe-{secrets.token_hex(4)}.tmp"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +88,8 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     pd.set_option("display.width", 160)
     try:
+        _check_writable("--out", args.out, is_dir=False)  # results are written atomically at the end
+        _check_writable("--state-dir", args.state_dir, is_dir=True)
         layers = parse_layers(args.layers)
         texts = _text_args(args.text)
         reader, _ = open_reader(args.source)
@@ -92,7 +114,7 @@ def main(argv=None) -> int:
         if args.out:
             save_results(args.out, summary=summary, stream=stream, extra={"texts": list(texts)})
             print(f"wrote {args.out}")
-    except (CheckpointError, NetworkError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except (CheckpointError, NetworkError, ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
