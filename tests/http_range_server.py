@@ -4,6 +4,7 @@
         server.url            # http://127.0.0.1:PORT
         server.bytes_served   # body bytes sent so far
         server.fail["x.safetensors"] = 500   # answer this path with an error status
+        server.stall.add("x.safetensors")    # accept requests for this path and never answer them
 
 Bounded: it answers at most `max_requests` requests and stops by itself after `lifetime` seconds.
 """
@@ -44,6 +45,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(503)
         if name in srv.fail:
             return self._status(srv.fail[name])
+        if name in srv.stall:  # a server that hangs: hold the connection until the server stops
+            srv.stopping.wait(srv.lifetime)
+            return
         if not path.startswith(srv.root + os.sep) or not os.path.isfile(path):
             return self._status(404)
         size = os.path.getsize(path)
@@ -96,6 +100,8 @@ class RangeServer(ThreadingHTTPServer):
         self.max_requests, self.lifetime = max_requests, lifetime
         self.lock = threading.Lock()
         self.fail: dict[str, int] = {}
+        self.stall: set[str] = set()
+        self.stopping = threading.Event()
         self.reset_counts()
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._timer = threading.Timer(lifetime, self.shutdown)
@@ -117,7 +123,26 @@ class RangeServer(ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc):
+        self.stopping.set()
         self._timer.cancel()
         self.shutdown()
         self.server_close()
         self._thread.join(timeout=5)
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 (the kernel completes the handshake) and never answers.
+
+        with SilentServer() as url: ...   # http://127.0.0.1:PORT
+    """
+
+    def __enter__(self) -> str:
+        import socket
+
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def __exit__(self, *exc):
+        self._sock.close()

@@ -131,3 +131,51 @@ def test_hf_addresses_resolve_to_hf_filesystem_paths():
     for bad in ("hf://", "hf://datasets/owner/data", "ftp://host/x"):
         with pytest.raises(ValueError, match="hf://|not a Hugging Face|model repositories|unsupported"):
             open_source(bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_server_that_never_answers_times_out_naming_the_url(backend):
+    """Used to stall for 300 s before a bare FSTimeoutError."""
+    import time
+
+    from http_range_server import SilentServer
+
+    with SilentServer() as url:
+        t0 = time.perf_counter()
+        with pytest.raises(NetworkError, match=rf"{url}/checkpoints/k2/config\.json: could not be fetched .*(timed out|[Tt]imeout)"):
+            CheckpointReader(f"{url}/checkpoints/k2", fs=http_filesystem(backend, timeout=0.5))
+        with pytest.raises(NetworkError, match=rf"{url}/config\.json"):  # the default filesystem, its timeout set
+            k2mini.load_pretrained(url, progress=False, timeout=0.5)
+        assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stalled_tensor_read_names_the_url_and_the_tensor(ckpt, backend):
+    import time
+
+    path, *_ = ckpt
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    shard = index["weight_map"][name]
+    with RangeServer(path) as server:
+        reader = CheckpointReader(server.url, fs=http_filesystem(backend, timeout=0.5))
+        server.stall.add(shard)
+        t0 = time.perf_counter()
+        with pytest.raises(NetworkError, match=rf"{server.url}/{shard}: could not be fetched .*reading tensor '{name}'"):
+            reader.get(name)
+        assert time.perf_counter() - t0 < 10
+        with pytest.raises(NetworkError, match=rf"reading tensor '{name}(_scale_inv)?'"):  # once its header is known
+            server.stall.discard(shard)
+            reader.info(name)
+            server.stall.add(shard)
+            reader.get(name)
+
+
+def test_the_default_timeout_is_tens_of_seconds_and_configurable():
+    from k2mini.checkpoint import sources
+
+    assert 10 <= sources.DEFAULT_TIMEOUT <= 120
+    with pytest.raises(ValueError, match="timeout"):
+        http_filesystem(timeout=0)
+    with pytest.raises(ValueError, match="timeout"):
+        CheckpointReader("http://127.0.0.1:1/x", timeout=-1)

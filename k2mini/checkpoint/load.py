@@ -18,17 +18,18 @@ from .reader import INDEX, CheckpointError, CheckpointReader
 
 
 def load_pretrained(
-    source, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True, fs=None
+    source, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True, fs=None,
+    timeout: float | None = None,
 ) -> K2ForCausalLM:
     """Load a Kimi-K2 / Moonlight / DeepSeek-V3 style checkpoint into a K2ForCausalLM.
 
     source: a checkpoint directory, `hf://owner/repo[@revision]`, an http(s) URL of the directory, or
     an open CheckpointReader. fp8 weights are dequantized to `dtype` on read; the router's correction
-    bias stays float32. The model is built on the meta device and each tensor is read straight into its
+    bias stays float32. timeout: seconds an HTTP read may go without progress (see CheckpointReader). The model is built on the meta device and each tensor is read straight into its
     parameter, so peak memory is the model plus a fixed read buffer.
     """
     own = not isinstance(source, CheckpointReader)
-    reader = CheckpointReader(source, fs=fs) if own else source
+    reader = CheckpointReader(source, fs=fs, timeout=timeout) if own else source
     try:
         return _load(reader, dtype, device, progress)
     finally:

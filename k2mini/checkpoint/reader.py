@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from .fp8 import BLOCK, dequantize_fp8, scale_shape
 from .names import SCALE_SUFFIX, expert_hf_name, is_scale, scale_name
 from .safetensors_format import FLOAT_DTYPES, FP8_DTYPES, CheckpointError, TensorInfo, decode, read_header
-from .sources import open_source
+from .sources import NetworkError, open_source
 
 __all__ = ["CheckpointReader", "CheckpointError"]
 
@@ -34,10 +35,12 @@ class CheckpointReader:
 
     source: a directory, `hf://owner/repo[@revision][/subdir]`, or an http(s) URL of the directory.
     fs: the fsspec filesystem for http(s) URLs (default: fsspec's HTTP filesystem).
+    timeout: for that default filesystem, seconds an HTTP connect or read may go without progress
+    (default sources.DEFAULT_TIMEOUT). A failed read is a NetworkError naming the URL and the tensor.
     """
 
-    def __init__(self, source, fs=None):
-        self.files = open_source(source, fs)
+    def __init__(self, source, fs=None, timeout: float | None = None):
+        self.files = open_source(source, fs, timeout)
         self.source = self.files.address
         self._closed_bytes = 0
         self._headers: dict[str, dict[str, TensorInfo]] = {}
@@ -74,7 +77,8 @@ class CheckpointReader:
     def header(self, shard: str, for_tensor: str | None = None) -> dict[str, TensorInfo]:
         """name -> TensorInfo of one shard (fetched and validated on first use)."""
         if shard not in self._headers:
-            self._headers[shard] = read_header(self._file(shard, for_tensor), self.files.url(shard))
+            with _naming(for_tensor):
+                self._headers[shard] = read_header(self._file(shard, for_tensor), self.files.url(shard))
         return self._headers[shard]
 
     def info(self, name: str) -> TensorInfo:
@@ -297,7 +301,8 @@ class CheckpointReader:
 
     def _readinto(self, info: TensorInfo, offset: int, buffer):
         try:
-            self._file(self.weight_map[info.name]).readinto(offset, buffer)
+            with _naming(info.name):
+                self._file(self.weight_map[info.name]).readinto(offset, buffer)
         except EOFError as e:
             raise CheckpointError(f"{info.file}: tensor {info.name!r}: the file is shorter than its header says ({e})") from None
 
@@ -324,6 +329,17 @@ class CheckpointReader:
         if not bool(torch.isfinite(s).all()):
             raise CheckpointError(f"{self.info(sname).file}: tensor {sname!r} holds non-finite block scales")
         return s
+
+
+@contextmanager
+def _naming(tensor: str | None):
+    """A NetworkError raised inside also names the tensor being read."""
+    try:
+        yield
+    except NetworkError as e:
+        if tensor is None or "reading tensor" in str(e):
+            raise
+        raise NetworkError(f"{e} (reading tensor {tensor!r})") from e
 
 
 def _row_range(info: TensorInfo, rows) -> tuple[int, int]:

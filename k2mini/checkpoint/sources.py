@@ -3,12 +3,20 @@ http(s) base URL. Remote bytes go through fsspec (HTTP) or huggingface_hub's HfF
 range request per read, so reading one tensor fetches only that tensor's bytes.
 
 A source opens files as range files: `.size`, `.read(offset, n)`, `.readinto(offset, buffer)`.
+
+HTTP reads give up after `timeout` seconds without progress (connecting, or waiting for the next
+bytes): DEFAULT_TIMEOUT, or $K2MINI_HTTP_TIMEOUT, or the `timeout=` of http_filesystem / open_source /
+CheckpointReader / load_pretrained. hf:// reads use huggingface_hub's own timeouts
+($HF_HUB_DOWNLOAD_TIMEOUT, $HF_HUB_ETAG_TIMEOUT).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from urllib.parse import quote
+
+DEFAULT_TIMEOUT = float(os.environ.get("K2MINI_HTTP_TIMEOUT", 30.0))  # seconds without progress
 
 
 class NetworkError(ConnectionError):
@@ -120,11 +128,13 @@ class FsspecSource:
         return _remote(self.url(name), lambda: self.fs.cat_file(self.path(name)))
 
 
-def open_source(source, fs=None):
+def open_source(source, fs=None, timeout: float | None = None):
     """A local directory, an `hf://owner/repo[@revision][/subdir]` address or an http(s) base URL.
 
-    fs: the fsspec filesystem to use for http(s) URLs (default: `http_filesystem()`).
+    fs: the fsspec filesystem to use for http(s) URLs (default: `http_filesystem(timeout=timeout)`).
+    timeout: seconds an HTTP connect or read may go without progress (default DEFAULT_TIMEOUT).
     """
+    timeout = _check_timeout(timeout)
     if isinstance(source, (LocalSource, FsspecSource)):
         return source
     address = os.fspath(source)
@@ -132,7 +142,7 @@ def open_source(source, fs=None):
         return hf_source(address)
     if address.startswith(("http://", "https://")):
         base = address.rstrip("/")
-        return FsspecSource(fs or http_filesystem(), base, base)
+        return FsspecSource(fs or http_filesystem(timeout=timeout), base, base)
     if "://" in address and not address.startswith("file://"):
         raise ValueError(f"{address}: unsupported address (use a directory, hf://owner/repo or an http(s) URL)")
     return LocalSource(address.removeprefix("file://"))
@@ -159,16 +169,29 @@ def hf_source(address: str) -> FsspecSource:
     return FsspecSource(HfFileSystem(), root, address, url_of)
 
 
-def http_filesystem(backend: str | None = None):
+def _check_timeout(timeout) -> float:
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
+def http_filesystem(backend: str | None = None, timeout: float | None = None):
     """fsspec's HTTP filesystem: the aiohttp one, or its requests-based twin where aiohttp is missing.
 
     backend: None (whichever is installed), "aiohttp" or "requests".
+    timeout: seconds to connect, and to wait for the next bytes of an answer (default DEFAULT_TIMEOUT);
+    no limit on a whole transfer that keeps making progress.
     """
+    timeout = _check_timeout(timeout)
     if backend in (None, "aiohttp"):
         try:
+            import aiohttp
             from fsspec.implementations.http import HTTPFileSystem
 
-            return HTTPFileSystem()
+            limits = aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=timeout, sock_read=timeout)
+            return HTTPFileSystem(client_kwargs={"timeout": limits})
         except ImportError:
             if backend == "aiohttp":
                 raise
@@ -180,7 +203,7 @@ def http_filesystem(backend: str | None = None):
         http_sync.unregister()
     except ImportError:
         pass
-    return http_sync.HTTPFileSystem()
+    return http_sync.HTTPFileSystem(timeout=(timeout, timeout))  # requests' (connect, read)
 
 
 def _status(e: BaseException):
@@ -217,5 +240,6 @@ def _remote(url: str, fn):
             raise FileNotFoundError(f"{url}: not found") from e
         module = type(e).__module__.split(".")[0]
         if isinstance(e, (OSError, TimeoutError)) or module in _NETWORK_MODULES:
-            raise NetworkError(f"{url}: could not be fetched ({type(e).__name__}: {e})") from e
+            detail = str(e) or ("timed out: no answer within the timeout" if "timeout" in type(e).__name__.lower() else "")
+            raise NetworkError(f"{url}: could not be fetched ({type(e).__name__}: {detail})") from e
         raise
