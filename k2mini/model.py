@@ -7,6 +7,7 @@ where HF stores E separate `mlp.experts.{e}.gate_proj.weight` matrices.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -149,15 +150,18 @@ class K2ForCausalLM(nn.Module):
         return self
 
     def _check_ids(self, input_ids: torch.Tensor):
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch tensor (batch, seq), got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        if not input_ids.numel():  # attention and routing need at least one token
+            raise ValueError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}); pass at least one per row")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
 
     def forward(
         self,
@@ -219,10 +223,13 @@ class K2ForCausalLM(nn.Module):
 
         Returns (B, T + new) token ids. With eos_token_id, a sequence that emitted it keeps emitting it.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if do_sample:
+            check_sampling(temperature, top_k, top_p)
+        if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < self.config.vocab_size):
+            raise ValueError(f"eos_token_id {eos_token_id!r} is outside the vocabulary [0, {self.config.vocab_size})")
+        self._check_ids(input_ids)
         cache = KVCache.empty(self.config)
         out = self(input_ids, cache=cache, absorbed=absorbed)
         tokens = input_ids
@@ -243,8 +250,21 @@ class K2ForCausalLM(nn.Module):
         return tokens
 
 
+def check_sampling(temperature, top_k, top_p) -> None:
+    """ValueError for sampling arguments that would give torch errors or nonsense later."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k filter), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 <= top_p <= 1):
+        raise ValueError(f"top_p must be a number in [0, 1] (or None for no nucleus filter), got {top_p!r}")
+
+
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """Draw one token per row from softmax(logits / temperature), optionally top-k / nucleus filtered."""
+    check_sampling(temperature, top_k, top_p)
     logits = logits / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]

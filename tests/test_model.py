@@ -249,3 +249,61 @@ def test_compile_layers_gives_the_same_logits_and_gradients():
     assert (a - b).abs().max() < 1e-4
     assert torch.allclose(ma, mb, rtol=1e-4, atol=1e-5)
     assert (ga - gb).abs().max() <= 1e-4 * ga.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0, 0)])
+def test_empty_batches_and_sequences_are_a_clear_error(yarn_model, shape):
+    """Used to crash with an IndexError deep inside the forward."""
+    ids = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"input_ids has no tokens \(shape " + str(shape).replace("(", r"\(").replace(")", r"\)")):
+        yarn_model(ids)
+    with pytest.raises(ValueError, match="input_ids has no tokens"):
+        yarn_model.generate(ids, 3)
+
+
+def test_input_ids_that_are_not_a_tensor_are_named(yarn_model):
+    with pytest.raises(ValueError, match="input_ids must be a torch tensor"):
+        yarn_model([[1, 2, 3]])
+
+
+SAMPLING_BAD = [
+    (dict(top_k=0), "top_k must be an integer >= 1"),
+    (dict(top_k=-3), "top_k must be an integer >= 1"),
+    (dict(top_k=2.5), "top_k must be an integer >= 1"),
+    (dict(top_p=-0.1), r"top_p must be a number in \[0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be a number in \[0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p must be a number in \[0, 1\]"),
+    (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number > 0"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(temperature="hot"), "temperature must be a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", SAMPLING_BAD)
+def test_sampling_arguments_are_validated_with_clear_messages(yarn_model, kwargs, message):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=message):
+        yarn_model.generate(ids, 2, do_sample=True, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        k2mini.model.sample(torch.randn(2, 260), **{"temperature": 1.0, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(eos_token_id=999), r"eos_token_id 999 is outside the vocabulary \[0, 260\)"),
+])
+def test_generate_arguments_are_validated(yarn_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        yarn_model.generate(torch.tensor([[1, 2, 3]]), **{"max_new_tokens": 2, **kwargs})
+
+
+def test_good_sampling_edges_still_work(yarn_model):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[1, 2, 3]])
+    greedy = yarn_model.generate(ids, 4)
+    assert torch.equal(yarn_model.generate(ids, 4, do_sample=True, top_k=1, generator=g), greedy)
+    assert torch.equal(yarn_model.generate(ids, 4, do_sample=True, top_p=0.0, generator=g), greedy)
+    assert yarn_model.generate(ids, 4, do_sample=True, top_k=10**6, top_p=1.0, generator=g).shape == (1, 7)
+    assert torch.equal(yarn_model.generate(ids, 0), ids)
