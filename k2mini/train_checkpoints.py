@@ -6,7 +6,8 @@ leaves at least one complete checkpoint. Each file is a plain `torch.save` dict 
 step, history rows, settings) plus `checksum`, a sha256 over the contents of every tensor and value in
 it: `torch.load` does not check its archive's CRCs, so damage in place would otherwise resume with
 wrong numbers. Only finite weights and optimizer state are saved (`nonfinite_tensor` says which is
-not), and a resume with other settings (model config, optimizer kind or hyperparameters, training
+not); after a divergence that made `last.pt` itself suspect, it is set aside as `diverged-step<N>.pt`
+and `prev.pt` takes its place (`set_aside_diverged`). A resume with other settings (model config, optimizer kind or hyperparameters, training
 settings that change the math) is refused, naming each difference.
 """
 
@@ -24,7 +25,7 @@ import torch
 from .atomic import atomic_write
 
 __all__ = ["CheckpointDamagedError", "LAST", "PREV", "save_checkpoint", "load_checkpoint", "check_settings",
-           "nonfinite_tensor", "run_settings", "existing_checkpoints", "newest_good"]
+           "nonfinite_tensor", "run_settings", "existing_checkpoints", "newest_good", "set_aside_diverged"]
 
 LAST, PREV = "last.pt", "prev.pt"
 FORMAT = "k2mini.train/2"
@@ -175,8 +176,9 @@ def check_settings(path, saved: dict | None, now: dict) -> None:
             diffs += [f"optimizer group {label} {k}: {a.get(k)!r} -> {b.get(k)!r}"
                       for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
     a, b = saved.get("train_config", {}), now["train_config"]
+    free = _SCHEDULING_FIELDS - ({"steps"} if b.get("schedule") == "cosine" else set())  # cosine decays over steps
     diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-              if k not in _SCHEDULING_FIELDS and a.get(k) != b.get(k)]
+              if k not in free and a.get(k) != b.get(k)]
     if diffs:
         raise ValueError(
             f"{path}: resuming with settings other than the checkpoint's: " + "; ".join(diffs)
@@ -201,3 +203,14 @@ def newest_good(checkpoint_dir, before_step: int) -> Path | None:
         if step < before_step - 1:
             return path
     return None
+
+
+def set_aside_diverged(checkpoint_dir) -> Path:
+    """After a divergence whose last good checkpoint is prev.pt: last.pt (the weights that diverged)
+    becomes diverged-step<N>.pt and prev.pt becomes last.pt, so that resume=True continues from the good
+    state and no later save rotates it away. Returns the good checkpoint's new path."""
+    d = Path(checkpoint_dir)
+    step = torch.load(d / LAST, map_location="cpu", weights_only=True)["step"]
+    os.replace(d / LAST, d / f"diverged-step{step}.pt")
+    os.replace(d / PREV, d / LAST)
+    return d / LAST

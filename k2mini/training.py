@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from .balance import METHODS, loss_free_update, max_violation, sequence_aux_loss, switch_aux_loss
 from .optim.max_logits import TakesMaxLogits
 from .optim.muon import NonFiniteGradientError
-from .train_checkpoints import (LAST, check_settings, existing_checkpoints, load_checkpoint, newest_good,
-                                run_settings, save_checkpoint)
+from .train_checkpoints import (LAST, PREV, check_settings, existing_checkpoints, load_checkpoint, newest_good,
+                                run_settings, save_checkpoint, set_aside_diverged)
 
 __all__ = [
     "train",
@@ -350,10 +350,15 @@ def _resolve_config(steps: int | None, config: TrainConfig | None, kwargs: dict)
 def _stop_on_nonfinite(problem: str, step: int, ckpt_path: str | None, on_nonfinite: str, reason: str,
                        good_before: int | None = None) -> str:
     """Raise NonFiniteLossError, or warn; returns the stop reason. The last good checkpoint is the newest
-    saved after a step < good_before - 1 (default `step`): later weights are the ones that diverged."""
+    saved after a step < good_before - 1 (default `step`): later weights are the ones that diverged. If
+    that is prev.pt, rank 0 sets last.pt aside and makes prev.pt the last.pt that resume=True continues."""
     good = newest_good(os.path.dirname(ckpt_path), step if good_before is None else good_before) if ckpt_path else None
+    note = ""
+    if good is not None and good.name == PREV and _world()[0] == 0:
+        good = set_aside_diverged(good.parent)
+        note = f" (it was {PREV}; the newer checkpoint, whose weights diverged, is now {good.parent}/diverged-step*.pt)"
     msg = (f"{problem} at step {step}; stopping. "
-           + (f"The last good checkpoint is {good}." if good else "No good checkpoint was written."))
+           + (f"The last good checkpoint is {good}{note}." if good else "No good checkpoint was written."))
     if on_nonfinite == "raise":
         raise NonFiniteLossError(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)  # at train()'s caller

@@ -52,12 +52,17 @@ def test_blown_up_but_finite_weights_do_not_replace_the_last_good_checkpoint(dat
     m = fresh()
     # after step 3 the head blows up (still finite, so it is saved); step 4's gradient is then not finite
     blow_up = _at(3, lambda: m.lm_head.weight.mul_(1e36))
-    with pytest.warns(RuntimeWarning, match=r"at step 4.*last good checkpoint is .*prev\.pt"):
+    with pytest.warns(RuntimeWarning, match=r"at step 4.*last good checkpoint is .*last\.pt \(it was prev\.pt.*diverged"):
         h = train(m, data, adamw(m), 10, checkpoint_every=2, checkpoint_dir=tmp_path, callback=blow_up, **SETTINGS)
     assert h.attrs["stop_reason"] == "non-finite gradient or max logit at step 4"
-    assert load(tmp_path / "last.pt")["step"] == 3 and load(tmp_path / "prev.pt")["step"] == 1
-    assert load(tmp_path / "prev.pt")["model"]["lm_head.weight"].abs().max() < 1
-    assert sorted(os.listdir(tmp_path)) == ["last.pt", "prev.pt"]  # no temporary files left
+    # the blown-up weights are set aside, the good ones are what resume=True continues from
+    assert sorted(os.listdir(tmp_path)) == ["diverged-step3.pt", "last.pt"]  # no temporary files left
+    assert load(tmp_path / "diverged-step3.pt")["step"] == 3 and load(tmp_path / "last.pt")["step"] == 1
+    assert load(tmp_path / "last.pt")["model"]["lm_head.weight"].abs().max() < 1
+    m2 = fresh(7)
+    h = train(m2, data, adamw(m2), 3, checkpoint_every=2, checkpoint_dir=tmp_path, resume=True, **SETTINGS)
+    assert h["step"].tolist() == [0, 1, 2] and h.attrs["stop_reason"] == "completed"
+    assert load(tmp_path / "prev.pt")["step"] == 1  # the good state is still there after the next save
 
 
 def test_non_finite_weights_are_never_saved(data, tmp_path):
@@ -155,6 +160,11 @@ def test_a_resume_may_run_longer_and_log_differently(data, tmp_path):
     h = train((m := fresh()), data, adamw(m), 4, checkpoint_dir=tmp_path, resume=True,
               **{**SETTINGS, "eval_every": 2, "log_every": 2})
     assert h["step"].tolist() == [0, 1, 3] and h.attrs["stop_reason"] == "completed"
+    # but not longer under a cosine schedule: its lr decays over `steps`
+    train((m := fresh()), data, adamw(m), 2, checkpoint_dir=tmp_path / "cos", schedule="cosine", **SETTINGS)
+    with pytest.raises(ValueError, match=r"steps: 2 -> 4"):
+        train((m := fresh()), data, adamw(m), 4, checkpoint_dir=tmp_path / "cos", resume=True, schedule="cosine",
+              **SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------------- divergence
@@ -177,12 +187,12 @@ def _optimizer(kind, m):
 def test_a_non_finite_gradient_stops_every_optimizer_the_documented_way(data, tmp_path, kind, grad_clip):
     m = fresh()
     opt = _optimizer(kind, m)
-    with pytest.warns(RuntimeWarning, match=r"gradient norm became nan at step 2.*last good checkpoint is .*prev\.pt"):
+    with pytest.warns(RuntimeWarning, match=r"gradient norm became nan at step 2.*last good checkpoint is .*last\.pt \(it was prev"):
         h = train(m, data, opt, 6, checkpoint_every=1, checkpoint_dir=tmp_path, callback=_nan_gradient_at(m, 2),
                   grad_clip=grad_clip, **SETTINGS)
     assert h.attrs["diverged"] and h.attrs["stop_reason"] == "non-finite gradient or max logit at step 2"
     assert h["step"].tolist() == [0, 1, 2] and h["grad_norm"].isna().tolist() == [False, False, True]
-    after_step_1 = load(tmp_path / "last.pt")["model"]
+    after_step_1 = load(tmp_path / "diverged-step1.pt")["model"]
     assert all(torch.equal(v, after_step_1[k]) for k, v in m.state_dict().items())  # step 2 changed nothing
     m = fresh()
     with pytest.raises(NonFiniteLossError, match=r"gradient norm became nan at step 3"):
