@@ -435,3 +435,11 @@ def test_diverged_run_is_a_result(data, tmp_path):
     (back,) = run_sweep([spec], cache=tmp_path, data=data, progress=False)
     assert back.from_cache and back.diverged == r.diverged and back.stop_reason == r.stop_reason
     assert same_frame(r.history, back.history)
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "muonclip", "adamw"])
+def test_a_diverging_run_is_a_result_with_its_history_for_every_optimizer(data, optimizer):
+    """train() itself now stops a run whose gradient or max logit is not finite, for every optimizer."""
+    r = run_one(RunSpec(optimizer=optimizer, lr=1e6, **{**TINY, "steps": 8}), data)
+    assert r.diverged and r.stop_reason.startswith("non-finite") and r.stop_reason.endswith(f"step {len(r.history) - 1}")
+    assert r.history["step"].tolist() == list(range(len(r.history))) and len(r.history) < 8

@@ -478,18 +478,16 @@ def _dataset(corpus: str):
 
 
 class _Watch:
-    """train() callback: keeps the rows (so a run stopped by an exception still has its history) and,
-    for MuonClip, after a step that clipped, measures the max logit on that step's batch again."""
+    """train() callback: for MuonClip, after a step that clipped, measures the max logit on that step's
+    batch again (added to the step's history row)."""
 
     def __init__(self, model, optimizer, data, spec: RunSpec):
         self.model, self.optimizer, self.data, self.spec = model, optimizer, data, spec
-        self.rows: list[dict] = []
 
     @torch.no_grad()
     def __call__(self, step, row):
         if row is None or row.get("step") != step:
             return
-        self.rows.append(row)
         if self.spec.optimizer != "muonclip":
             return
         gamma = getattr(self.optimizer, "last_gamma", None)
@@ -514,7 +512,7 @@ def build_model(spec: RunSpec):
 def run_one(spec: RunSpec, data=None, *, progress: bool = False) -> RunResult:
     """Train one run as `spec` says (no cache); `data` is a TokenDataset or PreparedBatches."""
     from .. import train
-    from ..optim import NonFiniteGradientError, build_optimizer
+    from ..optim import build_optimizer
 
     if data is None:
         data = PreparedBatches(_dataset(spec.corpus), spec.batch_size, spec.seq_len, spec.batch_seed)
@@ -527,16 +525,8 @@ def run_one(spec: RunSpec, data=None, *, progress: bool = False) -> RunResult:
     t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a diverged run is a result here, not a surprise
-        try:
-            history = train(model, data, opt, spec.steps, progress=progress, callback=watch, **settings)
-        except (NonFiniteGradientError, ValueError) as e:
-            # the loss was still finite but a gradient (or a max logit, for QK-Clip) was not: diverged
-            if isinstance(e, ValueError) and "inf or nan" not in str(e):
-                raise
-            import pandas as pd
-
-            history = pd.DataFrame(watch.rows)
-            history.attrs.update(stop_reason=f"non-finite gradient or logit at step {len(watch.rows)}", diverged=True)
+        # a non-finite loss, gradient or max logit ends the run with history.attrs["stop_reason"]
+        history = train(model, data, opt, spec.steps, progress=progress, callback=watch, **settings)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     loads = None
     if "load" in history:
