@@ -80,8 +80,17 @@ class TrainConfig:
             raise ValueError(f"balancing must be one of {METHODS}, got {self.balancing!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.steps < 0 or self.batch_size <= 0 or self.seq_len <= 0:
-            raise ValueError("steps must be >= 0, batch_size and seq_len > 0")
+        # (field, lowest allowed value): ints; 0 for eval_every means never
+        for name, low in (("steps", 0), ("batch_size", 1), ("seq_len", 1), ("seed", 0), ("warmup_steps", 0),
+                          ("eval_every", 0), ("eval_batches", 1), ("log_every", 1)):
+            _check_int(self, name, low)
+        if self.checkpoint_every is not None:
+            _check_int(self, "checkpoint_every", 1)
+        for name in ("bias_update_speed", "aux_alpha", "seq_aux_alpha"):
+            _check_real(self, name, lambda v: v >= 0, ">= 0")
+        _check_real(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
+        if self.grad_clip is not None:
+            _check_real(self, "grad_clip", lambda v: v > 0, "> 0 (or None for no clipping)")
 
     def evaluates_at(self, step: int) -> bool:
         """Whether step `step` (0-based) ends with an evaluation: every eval_every steps and the last."""
@@ -90,6 +99,18 @@ class TrainConfig:
     def logs_at(self, step: int) -> bool:
         """Whether step `step` adds a history row: every log_every steps, at evaluations and the last."""
         return (step + 1) % self.log_every == 0 or self.evaluates_at(step) or step + 1 == self.steps
+
+
+def _check_int(cfg, name: str, low: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+
+
+def _check_real(cfg, name: str, ok, what: str) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+        raise ValueError(f"TrainConfig.{name} must be a finite number {what}, got {v!r}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

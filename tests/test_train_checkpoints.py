@@ -198,3 +198,25 @@ def test_a_non_finite_gradient_stops_every_optimizer_the_documented_way(data, tm
     with pytest.raises(NonFiniteLossError, match=r"gradient norm became nan at step 3"):
         train(m, data, _optimizer(kind, m), 6, callback=_nan_gradient_at(m, 3), grad_clip=grad_clip,
               on_nonfinite="raise", **SETTINGS)
+
+
+# ---------------------------------------------------------------------------------------------- settings' values
+
+
+@pytest.mark.parametrize("field,value", [
+    ("log_every", 0),  # was a ZeroDivisionError after the first step
+    ("grad_clip", float("nan")),  # was nan gradients applied to every weight
+    ("grad_clip", -1.0),  # was every gradient's sign flipped: training uphill
+    ("grad_clip", 0.0),
+    ("bias_update_speed", float("nan")),  # was nan correction biases: routing silently wrong
+    ("bias_update_speed", -1e-3),
+    ("eval_batches", 0),  # was a val_loss of exactly 0.0
+    ("eval_every", -2), ("checkpoint_every", 0), ("checkpoint_every", -1),
+    ("min_lr_ratio", 2.0), ("warmup_steps", -3), ("aux_alpha", float("inf")), ("seq_aux_alpha", -1.0),
+    ("steps", True), ("batch_size", 2.5), ("seq_len", "32"), ("seed", -1),
+])
+def test_train_settings_are_checked_by_type_and_range_naming_the_field(field, value):
+    from k2mini.training import TrainConfig
+
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be"):
+        TrainConfig(**{"steps": 3, field: value})
