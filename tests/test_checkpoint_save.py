@@ -228,3 +228,12 @@ def test_the_next_save_cleans_up_after_an_interrupted_one(model, tmp_path):
     (tmp_path / ".other.saving-0123456789ab.tmp").mkdir()  # another checkpoint's: not this save's business
     save_pretrained(model, tmp_path / "ckpt", progress=False)
     assert sorted(os.listdir(tmp_path)) == [".other.saving-0123456789ab.tmp", "ckpt"]
+
+
+def test_a_diverged_model_is_not_exported(tmp_path):
+    broken = random_model()
+    with torch.no_grad():
+        broken.model.layers[1].mlp.experts.up_proj[2, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight' holds inf or nan"):
+        save_pretrained(broken, tmp_path / "ckpt", fp8=True, progress=False)
+    assert os.listdir(tmp_path) == []

@@ -46,6 +46,7 @@ def save_pretrained(
     float32. In an existing `path`, the previous checkpoint (config.json, model.safetensors.index.json and
     the shards it names) is replaced and every other file (tokenizer, README, a model_backup.safetensors)
     carried over; a config.json there without an index is someone else's checkpoint: FileExistsError.
+    A tensor holding inf or nan is a ValueError, before anything is written.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -54,6 +55,7 @@ def save_pretrained(
         raise FileExistsError(f"{path}: exists and is not a directory")
     previous = _previous_output(path)
     groups = _plan(model, fp8, dtype)
+    _check_finite(groups)
     shards = _split(groups, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
@@ -97,6 +99,14 @@ def _plan(model, fp8, dtype) -> list[dict]:
             entries = [(hf, DTYPE_NAMES[out], tuple(source.shape))]
         groups.append({"tensors": entries, "source": source})
     return groups
+
+
+def _check_finite(groups) -> None:
+    """ValueError naming the first tensor holding inf or nan: a diverged model is not exported (its fp8
+    scales would be nan too, and load_pretrained refuses a non-finite correction bias)."""
+    for g in groups:
+        if g["source"].is_floating_point() and not bool(torch.isfinite(g["source"]).all()):
+            raise ValueError(f"save_pretrained: tensor {g['tensors'][0][0]!r} holds inf or nan; nothing was written")
 
 
 def _group_bytes(group) -> int:
