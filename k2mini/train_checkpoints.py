@@ -25,7 +25,7 @@ import torch
 from .atomic import atomic_write
 
 __all__ = ["CheckpointDamagedError", "LAST", "PREV", "save_checkpoint", "load_checkpoint", "check_settings",
-           "nonfinite_tensor", "run_settings", "existing_checkpoints", "newest_good", "set_aside_diverged"]
+           "nonfinite_tensor", "check_finite_state", "run_settings", "existing_checkpoints", "newest_good", "set_aside_diverged"]
 
 LAST, PREV = "last.pt", "prev.pt"
 FORMAT = "k2mini.train/2"
@@ -89,6 +89,13 @@ def nonfinite_tensor(model, optimizer) -> str | None:
     return None
 
 
+def check_finite_state(model, optimizer, step: int) -> None:
+    """FloatingPointError naming the first non-finite weight, buffer or optimizer state."""
+    bad = nonfinite_tensor(model, optimizer)
+    if bad is not None:
+        raise FloatingPointError(f"not saving a checkpoint after step {step}: {bad} holds inf or nan")
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 
@@ -97,9 +104,7 @@ def save_checkpoint(path, model, optimizer, step: int, rows: list, cfg, keep_pre
     """Write `path` (a `last.pt`) atomically; its old version becomes `prev.pt` beside it first
     (removed instead when keep_previous is False: a new run's first save over `overwrite=True`).
     Raises FloatingPointError, writing nothing, if a weight or optimizer state is not finite."""
-    bad = nonfinite_tensor(model, optimizer)
-    if bad is not None:
-        raise FloatingPointError(f"not saving a checkpoint after step {step}: {bad} holds inf or nan")
+    check_finite_state(model, optimizer, step)
     path = Path(path)
     state = {
         "format": FORMAT,

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from .balance import METHODS, loss_free_update, max_violation, sequence_aux_loss, switch_aux_loss
 from .optim.max_logits import TakesMaxLogits
 from .optim.muon import NonFiniteGradientError
-from .train_checkpoints import (LAST, PREV, check_settings, existing_checkpoints, load_checkpoint, newest_good,
-                                run_settings, save_checkpoint, set_aside_diverged)
+from .train_checkpoints import (LAST, PREV, check_finite_state, check_settings, existing_checkpoints, load_checkpoint,
+                                newest_good, run_settings, save_checkpoint, set_aside_diverged)
 
 __all__ = [
     "train",
@@ -393,10 +393,14 @@ def _problem_reason(result: StepResult, step: int) -> str:
 
 
 def _save_or_stop(ckpt_path, model, optimizer, step, rows, cfg, first: bool, on_nonfinite: str) -> str | None:
-    """Save a checkpoint after `step`; if the weights or optimizer state are not finite, save nothing
-    and stop as for a divergence (returns the stop reason)."""
+    """Save a checkpoint after `step` (rank 0; the other ranks only check, so that all stop together);
+    if the weights or optimizer state are not finite, save nothing and stop as for a divergence
+    (returns the stop reason)."""
     try:
-        save_checkpoint(ckpt_path, model, optimizer, step, rows, cfg, keep_previous=not first)
+        if _world()[0] == 0:
+            save_checkpoint(ckpt_path, model, optimizer, step, rows, cfg, keep_previous=not first)
+        else:
+            check_finite_state(model, optimizer, step)
     except FloatingPointError as e:
         return _stop_on_nonfinite(f"{e}", step, ckpt_path, on_nonfinite,
                                   f"non-finite weights after step {step}", good_before=step + 1)
@@ -479,15 +483,15 @@ def train(
             bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
         if callback is not None:
             callback(step, rows[-1] if rows else None)
-        if ckpt_path and rank == 0 and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            stop_reason = _save_or_stop(ckpt_path, model, optimizer, step, rows, cfg, first_save, on_nonfinite)
+        if ckpt_path and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            stopped = _save_or_stop(ckpt_path, model, optimizer, step, rows, cfg, first_save, on_nonfinite)
             first_save = False
-            if stop_reason is not None:
+            if stopped:
+                stop_reason = stopped
                 break
-            stop_reason = "completed"
     bar.close()
     saved_last = cfg.checkpoint_every and cfg.steps % cfg.checkpoint_every == 0  # prev.pt must stay the one before
-    if ckpt_path and rank == 0 and stop_reason == "completed" and cfg.steps > start and not saved_last:
+    if ckpt_path and stop_reason == "completed" and cfg.steps > start and not saved_last:
         stop_reason = _save_or_stop(ckpt_path, model, optimizer, cfg.steps - 1, rows, cfg, first_save,
                                     on_nonfinite) or "completed"
     return _history_frame(rows, cfg, stop_reason, world)
