@@ -171,10 +171,18 @@ def test_a_stalled_tensor_read_names_the_url_and_the_tensor(ckpt, backend):
             reader.get(name)
 
 
-def test_the_default_timeout_is_tens_of_seconds_and_configurable():
+def test_the_default_timeout_is_tens_of_seconds_and_configurable(monkeypatch):
     from k2mini.checkpoint import sources
 
     assert 10 <= sources.DEFAULT_TIMEOUT <= 120
+    assert sources._check_timeout(None) == sources.DEFAULT_TIMEOUT and sources._check_timeout(2) == 2.0
+    monkeypatch.setenv("K2MINI_HTTP_TIMEOUT", "7.5")
+    assert sources._check_timeout(None) == 7.5
+    for bad in ("soon", "0", "nan"):
+        monkeypatch.setenv("K2MINI_HTTP_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=r"\$K2MINI_HTTP_TIMEOUT must be"):
+            http_filesystem()
+    monkeypatch.delenv("K2MINI_HTTP_TIMEOUT")
     with pytest.raises(ValueError, match="timeout"):
         http_filesystem(timeout=0)
     with pytest.raises(ValueError, match="timeout"):

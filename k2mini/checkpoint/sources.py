@@ -16,7 +16,7 @@ import math
 import os
 from urllib.parse import quote
 
-DEFAULT_TIMEOUT = float(os.environ.get("K2MINI_HTTP_TIMEOUT", 30.0))  # seconds without progress
+DEFAULT_TIMEOUT = 30.0  # seconds an HTTP connect or read may go without progress; $K2MINI_HTTP_TIMEOUT overrides
 
 
 class NetworkError(ConnectionError):
@@ -170,10 +170,19 @@ def hf_source(address: str) -> FsspecSource:
 
 
 def _check_timeout(timeout) -> float:
+    """timeout as seconds; None means $K2MINI_HTTP_TIMEOUT if set, else DEFAULT_TIMEOUT."""
+    what = "timeout"
     if timeout is None:
-        return DEFAULT_TIMEOUT
+        env = os.environ.get("K2MINI_HTTP_TIMEOUT")
+        if env is None:
+            return DEFAULT_TIMEOUT
+        what = "$K2MINI_HTTP_TIMEOUT"
+        try:
+            timeout = float(env)
+        except ValueError:
+            timeout = env
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {timeout!r}")
     return float(timeout)
 
 
