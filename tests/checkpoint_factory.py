@@ -165,3 +165,122 @@ def fp8_checkpoint():
         write_checkpoint(root / "dequantized", config, served, fp8=False, shard_bytes=2**40, model_type="deepseek_v3")
         _CACHE["fp8"] = (root / "fp8", config, served, root / "dequantized")
     return _CACHE["fp8"]
+
+
+# ----------------------------------------------------------------- INT4 (compressed-tensors pack-quantized)
+# What Kimi-K2-Thinking's config.json says, spelled out here apart from k2mini.checkpoint.int4.
+K2_THINKING_QUANTIZATION = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    "kv_cache_scheme": None,
+    "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+                                  "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                              "group_size": 32, "actorder": None, "dynamic": False,
+                                              "observer": "minmax", "block_structure": None}}},
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+}
+
+
+def ct_args(num_bits: int = 4, group_size: int | None = 32):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    strategy = "group" if group_size else "channel"
+    args = QuantizationArgs(num_bits=num_bits, type="int", symmetric=True, strategy=strategy, group_size=group_size)
+    return args, QuantizationScheme(targets=["Linear"], weights=args)
+
+
+def ct_compress(w: torch.Tensor, num_bits: int = 4, group_size: int | None = 32) -> dict[str, torch.Tensor]:
+    """One bf16 matrix quantized (min-max scales by compressed-tensors' calculate_qparams) and packed by
+    compressed-tensors' own PackedQuantizationCompressor: {weight_packed, weight_scale, weight_shape}."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args, scheme = ct_args(num_bits, group_size)
+    w = w.to(torch.bfloat16)
+    grouped = w.unflatten(1, (-1, group_size)) if group_size else w[:, None, :]
+    scale, zp = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+    return dict(PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme))
+
+
+def ct_dequantize(parts: dict[str, torch.Tensor], num_bits: int = 4, group_size: int | None = 32) -> torch.Tensor:
+    """compressed-tensors' unpacking of one matrix, times its scale in float32 (the exact product;
+    compressed-tensors' own dequantize multiplies in the scale's bf16)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    args, _ = ct_args(num_bits, group_size)
+    shape = torch.Size(int(v) for v in parts["weight_shape"])
+    codes = unpack_from_int32(parts["weight_packed"], num_bits, shape)
+    return dequantize(codes, parts["weight_scale"].float(), None, args, dtype=torch.float32)
+
+
+def write_int4_checkpoint(directory, config, state, shard_bytes: int = 60_000, num_bits: int = 4,
+                          group_size: int | None = 32, wrapper: bool = False, shape_dtypes=(torch.int32, torch.int64)):
+    """A K2-Thinking-layout checkpoint: routed experts packed by compressed-tensors, everything else
+    bf16 (the router's correction bias float32). An expert's three parts land in different shards
+    (packed words by size, all scales in the second-to-last shard, all shapes in the last), and its
+    weight_shape is int32 or int64 in turn. wrapper: the K2.5 layout (`language_model.` + text_config,
+    with a vision tensor beside). Returns the state as a reader should serve it (float32)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    body, scales, shapes, served = {}, {}, {}, {}
+    for i, (name, w) in enumerate(state.items()):
+        if _EXPERT.search(name):
+            parts = ct_compress(w, num_bits, group_size)
+            base = name[: -len(".weight")]
+            body[base + ".weight_packed"] = parts["weight_packed"]
+            scales[base + ".weight_scale"] = parts["weight_scale"]
+            shapes[base + ".weight_shape"] = parts["weight_shape"].to(shape_dtypes[i % len(shape_dtypes)])
+            served[name] = ct_dequantize(parts, num_bits, group_size)
+        else:
+            body[name] = w if name.endswith("e_score_correction_bias") else w.to(torch.bfloat16)
+            served[name] = body[name].float()
+    prefix = "language_model." if wrapper else ""
+    shards, size = [{}], 0
+    for name, t in body.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    shards += [scales, shapes]
+    if wrapper:
+        shards[0]["vision_tower.patch_embed.weight"] = torch.ones(8, 3, dtype=torch.bfloat16)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        named = {(k if k.startswith("vision_tower.") else prefix + k): v.contiguous() for k, v in shard.items()}
+        save_file(named, directory / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in named})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    cfg = config.to_hf()
+    cfg["model_type"] = "kimi_k2"
+    q = json.loads(json.dumps(K2_THINKING_QUANTIZATION))
+    q["config_groups"]["group_0"]["weights"].update(
+        num_bits=num_bits, group_size=group_size, strategy="group" if group_size else "channel")
+    cfg["quantization_config"] = q
+    if wrapper:
+        cfg = {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"], "text_config": cfg,
+               "vision_config": {"hidden_size": 8}}
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    return served
+
+
+def int4_checkpoint():
+    """Built once per test session: (K2-Thinking-layout INT4 dir, config, state as served, dir of a
+    float32 copy that transformers can load). hidden 160 and expert width 96: multiples of 32 and 8,
+    not of 64."""
+    if "int4" not in _CACHE:
+        import atexit
+        import shutil
+        import tempfile
+
+        from k2mini import K2Config
+
+        root = Path(tempfile.mkdtemp(prefix="k2mini-int4-"))
+        atexit.register(shutil.rmtree, root, True)
+        config = K2Config(**PARTIAL_BLOCKS)
+        served = write_int4_checkpoint(root / "int4", config, hf_state(config, seed=7))
+        write_checkpoint(root / "dequantized", config, served, fp8=False, shard_bytes=2**40, model_type="deepseek_v3")
+        _CACHE["int4"] = (root / "int4", config, served, root / "dequantized")
+    return _CACHE["int4"]

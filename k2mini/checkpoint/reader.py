@@ -3,8 +3,13 @@ on demand, from a local directory, `hf://owner/repo` or an http(s) base URL.
 
 It reads config.json and model.safetensors.index.json (or a single model.safetensors) when opened, and
 a shard's header only when a tensor of that shard is first asked for. A tensor read fetches that
-tensor's bytes and nothing else; fp8 weights (`F8_E4M3` + `<name>_scale_inv`) come back dequantized to
-the requested dtype. Every header is validated against the file size before any of its bytes are used.
+tensor's bytes and nothing else; quantized weights come back dequantized to the requested dtype: fp8
+(`F8_E4M3` + `<name>_scale_inv`) and compressed-tensors' pack-quantized INT4 (`<m>.weight_packed`,
+`_scale`, `_shape`, served as `<m>.weight`; see int4.py). Every header is validated against the file
+size before any of its bytes are used.
+
+Multimodal wrappers (Kimi-K2.5 / K2.6) are read as their text model: config.json's `text_config` is the
+config, and the tensors under `language_model.` are the checkpoint, named without that prefix.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from . import int4
 from .fp8 import BLOCK, dequantize_fp8, scale_shape
 from .names import SCALE_SUFFIX, expert_hf_name, is_scale, scale_name
 from .safetensors_format import FLOAT_DTYPES, FP8_DTYPES, CheckpointError, TensorInfo, decode, read_header
@@ -28,6 +34,7 @@ READ_AHEAD_BYTES = 32 * 2**20  # how far ahead streaming reads ask the kernel fo
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 CORRECTION_BIAS = "e_score_correction_bias"
+TEXT_PREFIX = "language_model."  # a multimodal wrapper's text model (Kimi-K2.5 / K2.6)
 
 
 class CheckpointReader:
@@ -47,28 +54,46 @@ class CheckpointReader:
         self._open: dict = {}
         self._scratch = bytearray(0)
         try:
-            self.config = self._read_json(CONFIG)
+            self.config, self.prefix = _text_config(self._read_json(CONFIG), self.files.url(CONFIG))
             self.block = _block_size(self.config, self.files.url(CONFIG))
-            self.weight_map = self._read_weight_map()
+            self.pack_scheme = _pack_scheme(self.config, self.files.url(CONFIG))
+            self.index = self._read_weight_map()  # stored name -> shard, as the files say
+            self.weight_map = {  # the model's names (a wrapper's prefix removed) -> shard
+                k[len(self.prefix) :]: v for k, v in self.index.items() if k.startswith(self.prefix)
+            }
+            if self.prefix and not self.weight_map:
+                raise CheckpointError(f"{self.source}: config.json has a text_config but no tensor is named {self.prefix}*")
+            self.packed = _packed_weights(self.weight_map, self.files.url(INDEX))  # "<m>.weight" -> "<m>" for pack-quantized weights
+            self._packed_shapes: dict[str, tuple[int, int]] = {}
         except BaseException:
             self.close()
             raise
 
     # ----------------------------------------------------------------- what is there
     def keys(self) -> list[str]:
-        """Tensor names, without the `_scale_inv` companions of fp8 weights (they are part of them)."""
-        return [k for k in self.weight_map if not (is_scale(k) and k[: -len(SCALE_SUFFIX)] in self.weight_map)]
+        """Tensor names, without the `_scale_inv` companions of fp8 weights (they are part of them); a
+        pack-quantized weight appears once, as `<m>.weight`, in place of its three parts."""
+        parts = {f"{m}.{p}" for m in self.packed.values() for p in int4.PARTS}
+        out = []
+        for k in self.weight_map:
+            if k.endswith(".weight_packed") and k in parts:
+                out.append(k[: -len("_packed")])
+            elif k not in parts and not (is_scale(k) and k[: -len(SCALE_SUFFIX)] in self.weight_map):
+                out.append(k)
+        return out
 
     def stored_keys(self) -> list[str]:
         return list(self.weight_map)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map or name in self.packed
 
     def shards(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
     def shard_of(self, name: str) -> str:
+        if name in self.packed:
+            name = self.packed[name] + ".weight_packed"
         try:
             return self.weight_map[name]
         except KeyError:
@@ -82,27 +107,44 @@ class CheckpointReader:
         return self._headers[shard]
 
     def info(self, name: str) -> TensorInfo:
+        """Where a stored tensor lives (for a pack-quantized `<m>.weight`: its `weight_packed` words)."""
+        if name in self.packed:
+            name = self.packed[name] + ".weight_packed"
         shard = self.shard_of(name)
         infos = self.header(shard, name)
-        if name not in infos:
-            raise CheckpointError(f"{self.files.url(shard)}: tensor {name!r}, named by the index, is not in this shard")
-        return infos[name]
+        stored = self.prefix + name
+        if stored not in infos:
+            raise CheckpointError(f"{self.files.url(shard)}: tensor {stored!r}, named by the index, is not in this shard")
+        return infos[stored]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape as get() returns it (a packed weight's (out, in), from its weight_shape)."""
+        if name in self.packed:
+            return self._check_packed(name)
         return self.info(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype (float8_e4m3fn for an fp8 weight)."""
+        """The stored dtype (float8_e4m3fn for an fp8 weight, int32 for a packed one)."""
         return self.info(name).torch_dtype
 
     def is_fp8(self, name: str) -> bool:
-        return self.info(name).dtype in FP8_DTYPES
+        return name not in self.packed and self.info(name).dtype in FP8_DTYPES
+
+    def is_packed(self, name: str) -> bool:
+        """Whether `name` is stored pack-quantized (compressed-tensors: weight_packed / _scale / _shape)."""
+        return name in self.packed
 
     def check(self, name: str, shape=None, floating: bool = False) -> TensorInfo:
         """Validate one tensor without reading its data: fp8 scale present and of the right shape, and
         optionally its shape and a floating-point dtype. Raises CheckpointError naming file and tensor."""
+        if name in self.packed:
+            got = self._check_packed(name)
+            if shape is not None and got != tuple(shape):
+                info = self.info(name + "_shape")
+                raise CheckpointError(f"{info.file}: tensor {info.name!r} says {got}, the config needs {tuple(shape)}")
+            return self.info(name)
         info = self.info(name)
-        where = f"{info.file}: tensor {name!r}"
+        where = f"{info.file}: tensor {info.name!r}"
         sname = scale_name(name)
         if info.dtype in FP8_DTYPES:
             if len(info.shape) != 2:
@@ -141,6 +183,8 @@ class CheckpointReader:
         return out
 
     def _get(self, name: str, dtype, rows, out):
+        if name in self.packed:
+            return self._get_packed(name, dtype, rows, out)
         info = self.check(name)
         r0, r1 = _row_range(info, rows)
         shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
@@ -173,6 +217,8 @@ class CheckpointReader:
 
     def read_raw(self, name: str, rows=None) -> torch.Tensor:
         """The stored tensor (float8 bytes as float8_e4m3fn), rows optionally sliced."""
+        if name in self.packed:
+            raise ValueError(f"{name} is stored pack-quantized: read_raw() its parts {name}_packed, _scale, _shape")
         info = self.check(name)
         r0, r1 = _row_range(info, rows)
         shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
@@ -221,6 +267,8 @@ class CheckpointReader:
                 ahead -= sizes[i + 1]
 
     def _with_scales(self, name: str) -> tuple[str, ...]:
+        if name in self.packed:
+            return tuple(f"{self.packed[name]}.{p}" for p in int4.PARTS)
         return (name, scale_name(name)) if self.is_fp8(name) else (name,)
 
     def will_need(self, name: str) -> None:
@@ -228,7 +276,7 @@ class CheckpointReader:
         those bytes in the background; no memory of this process is used. A no-op for remote sources."""
         for n in self._with_scales(name):
             info = self.info(n)
-            self._file(self.weight_map[n]).will_need(info.start, info.nbytes)
+            self._file(self.shard_of(n)).will_need(info.start, info.nbytes)
 
     @property
     def bytes_read(self) -> int:
@@ -302,7 +350,7 @@ class CheckpointReader:
     def _readinto(self, info: TensorInfo, offset: int, buffer):
         try:
             with _naming(info.name):
-                self._file(self.weight_map[info.name]).readinto(offset, buffer)
+                self._file(self.index[info.name]).readinto(offset, buffer)
         except EOFError as e:
             raise CheckpointError(f"{info.file}: tensor {info.name!r}: the file is shorter than its header says ({e})") from None
 
@@ -320,8 +368,74 @@ class CheckpointReader:
             buf = view[: (b - a) * info.row_bytes]
             self._readinto(info, info.start + a * info.row_bytes, buf)
             if b < r1:  # the next piece loads while this one is converted
-                self._file(self.weight_map[info.name]).will_need(info.start + b * info.row_bytes, buf.nbytes)
+                self._file(self.index[info.name]).will_need(info.start + b * info.row_bytes, buf.nbytes)
             yield a, b, decode(buf, info.dtype, (b - a, *info.shape[1:]))
+
+    def _check_packed(self, name: str) -> tuple[int, int]:
+        """Validate a pack-quantized weight's three parts against each other and the checkpoint's
+        scheme (headers and the 2-number weight_shape only); returns its (out, in)."""
+        if name in self._packed_shapes:
+            return self._packed_shapes[name]
+        base = self.packed[name]
+        if self.pack_scheme is None:
+            raise CheckpointError(
+                f"{self.info(name).file}: tensor {self.prefix}{base}.weight_packed is pack-quantized, but config.json's "
+                "quantization_config does not say compressed-tensors pack-quantized"
+            )
+        for part, why in int4.UNSUPPORTED_PARTS.items():
+            if f"{base}.{part}" in self.weight_map:
+                raise CheckpointError(f"{self.info(f'{base}.{part}').file}: tensor {self.prefix}{base}.{part}: {why} not supported")
+        for part in int4.PARTS:
+            if f"{base}.{part}" not in self.weight_map:
+                raise CheckpointError(
+                    f"{self.info(name).file}: tensor {self.prefix}{base}.weight_packed has no {self.prefix}{base}.{part} in the checkpoint"
+                )
+        packed, scale, shape = (self.info(f"{base}.{p}") for p in int4.PARTS)
+        scheme = self.pack_scheme
+        if packed.dtype != "I32" or len(packed.shape) != 2:
+            raise CheckpointError(f"{packed.file}: tensor {packed.name!r} is {packed.dtype} {packed.shape}; packed weights are 2-D I32")
+        if scale.dtype not in FLOAT_DTYPES or len(scale.shape) != 2:
+            raise CheckpointError(f"{scale.file}: tensor {scale.name!r} is {scale.dtype} {scale.shape}; scales are 2-D floats")
+        if shape.dtype not in ("I32", "I64") or shape.shape != (2,):
+            raise CheckpointError(f"{shape.file}: tensor {shape.name!r} is {shape.dtype} {shape.shape}; expected I32 or I64 (2,)")
+        raw = self.read_raw(f"{base}.weight_shape")
+        out_f, in_f = (int(v) for v in raw)
+        if out_f < 0 or in_f < 0 or packed.shape != scheme.packed_shape((out_f, in_f)):
+            raise CheckpointError(
+                f"{packed.file}: tensor {packed.name!r} has shape {packed.shape}, but {shape.name} {(out_f, in_f)} "
+                f"packs to {scheme.packed_shape((max(out_f, 0), max(in_f, 0)))} (int{scheme.num_bits})"
+            )
+        if scale.shape != scheme.scale_shape((out_f, in_f)):
+            raise CheckpointError(
+                f"{scale.file}: tensor {scale.name!r} has shape {scale.shape}, but its weight {(out_f, in_f)} "
+                f"needs {scheme.scale_shape((out_f, in_f))} ({scheme.describe()})"
+            )
+        self._packed_shapes[name] = (out_f, in_f)
+        return out_f, in_f
+
+    def _get_packed(self, name: str, dtype, rows, out):
+        """A pack-quantized weight (or its rows), dequantized piece by piece into the result."""
+        shape = self._check_packed(name)
+        packed = self.info(name)
+        r0, r1 = _row_range(packed, rows)
+        want = (r1 - r0, shape[1])
+        if out is not None:
+            if tuple(out.shape) != want:
+                raise CheckpointError(f"{packed.file}: tensor {name!r} has shape {want}, the destination {tuple(out.shape)}")
+            if out.device.type != "cpu" or not out.is_contiguous():
+                return out.copy_(self._get_packed(name, out.dtype, rows, None))
+            dtype = out.dtype
+        if not dtype.is_floating_point or dtype.itemsize == 1:
+            raise ValueError(f"{name}: get() dequantizes packed weights to a float dtype, not {dtype}")
+        if out is None:
+            out = torch.empty(want, dtype=dtype)
+        sname = self.packed[name] + ".weight_scale"
+        scale = self.read_raw(sname, rows=slice(r0, r1))
+        if not bool(torch.isfinite(scale).all()):
+            raise CheckpointError(f"{self.info(sname).file}: tensor {self.prefix}{sname!r} holds non-finite scales")
+        for a, b, piece in self._pieces(packed, r0, r1):
+            int4.dequantize_packed(piece, scale[a - r0 : b - r0], self.pack_scheme, shape[1], out=out[a - r0 : b - r0])
+        return out
 
     def _scale(self, name: str) -> torch.Tensor:
         sname = scale_name(name)
@@ -363,9 +477,45 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
+def _text_config(config: dict, where: str) -> tuple[dict, str]:
+    """(the text model's config, the prefix of its tensor names): a multimodal wrapper's `text_config`
+    (with the wrapper's quantization_config where the text config has none) and `language_model.`."""
+    text = config.get("text_config")
+    if text is None:
+        return config, ""
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{where}: text_config must be a JSON object")
+    text = dict(text)
+    if "quantization_config" not in text and "quantization_config" in config:
+        text["quantization_config"] = config["quantization_config"]
+    return text, TEXT_PREFIX
+
+
+def _pack_scheme(config: dict, where: str) -> int4.PackScheme | None:
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != int4.QUANT_METHOD:
+        return None
+    try:
+        return int4.scheme_from_config(q, where)
+    except int4.QuantizationConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _packed_weights(weight_map: dict, where: str) -> dict[str, str]:
+    """"<m>.weight" -> "<m>" for every `<m>.weight_packed` (a plain `<m>.weight` beside it is an error)."""
+    packed = {}
+    for k in weight_map:
+        if k.endswith(".weight_packed"):
+            base = k[: -len(".weight_packed")]
+            if base + ".weight" in weight_map:
+                raise CheckpointError(f"{where}: tensor {base}.weight is stored both plain and packed ({k})")
+            packed[base + ".weight"] = base
+    return packed
+
+
 def _block_size(config: dict, where: str) -> tuple[int, int]:
     q = config.get("quantization_config")
-    if not q:
+    if not q or (isinstance(q, dict) and q.get("quant_method") == int4.QUANT_METHOD):
         return BLOCK
     block = q.get("weight_block_size", list(BLOCK)) if isinstance(q, dict) else None
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
