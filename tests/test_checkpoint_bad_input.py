@@ -245,3 +245,58 @@ def test_a_string_boolean_in_config_json_is_named(ckpt):
     (ckpt / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": "false"}))
     with raises(ckpt / "config.json", "tie_word_embeddings: must be true or false"):
         load_pretrained(ckpt, progress=False)
+
+# ----------------------------------------------------------------- INT4 (pack-quantized) parts
+PACKED = "model.layers.1.mlp.experts.2.up_proj"
+
+
+@pytest.fixture
+def int4(tmp_path):
+    """A fresh copy of the shared INT4 (compressed-tensors pack-quantized) checkpoint, to break."""
+    pytest.importorskip("compressed_tensors")
+    from checkpoint_factory import int4_checkpoint
+
+    path = tmp_path / "int4"
+    shutil.copytree(int4_checkpoint()[0], path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "part, value, message",
+    [
+        ("weight_packed", torch.zeros(96, 21, dtype=torch.int32), "weight_packed' has shape (96, 21), but .*weight_shape' says (96, 160), which packs to (96, 20)"),
+        ("weight_packed", torch.zeros(96, 20, dtype=torch.int64), "weight_packed' is I64 (96, 20); packed weights are 2-D I32"),
+        ("weight_scale", torch.ones(96, 4, dtype=torch.bfloat16), "weight_scale' has shape (96, 4), but its weight (96, 160) needs (96, 5)"),
+        ("weight_scale", torch.ones(96, 5, dtype=torch.int32), "weight_scale' is I32 (96, 5); scales are 2-D floats"),
+        ("weight_shape", torch.tensor([96, 158]), "weight_shape' says (96, 158), the config needs (96, 160)"),
+        ("weight_shape", torch.tensor([96, 150]), "weight_shape' says (96, 150), which packs to (96, 19)"),
+        ("weight_shape", torch.tensor([96.0, 160.0]), "weight_shape' is F32 (2,); expected I32 or I64 (2,)"),
+    ],
+)
+def test_corrupted_int4_parts(int4, part, value, message):
+    name = f"{PACKED}.{part}"
+    shard = shard_of(int4, name)
+    rewrite(shard, lambda t: t.__setitem__(name, value))
+    with pytest.raises(CheckpointError, match=re.escape(str(shard)) + ".*" + ".*".join(map(re.escape, message.split(".*")))):
+        load_pretrained(int4, progress=False)
+
+
+def test_int4_missing_or_extra_parts(int4):
+    scale = f"{PACKED}.weight_scale"
+    shard = shard_of(int4, scale)
+    rewrite(shard, lambda t: t.__setitem__(scale, t[scale] * float("inf")))
+    with raises(shard, "non-finite scales"):
+        load_pretrained(int4, progress=False)
+    index_path = int4 / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"][scale]
+    index_path.write_text(json.dumps(index))
+    with raises(shard_of(int4, f"{PACKED}.weight_packed"), f"{PACKED}.weight_packed has no {scale}"):
+        load_pretrained(int4, progress=False)
+    index["weight_map"][scale] = shard.name
+    zp = f"{PACKED}.weight_zero_point"
+    index["weight_map"][zp] = shard.name
+    index_path.write_text(json.dumps(index))
+    rewrite(shard, lambda t: t.update({scale: t[scale].nan_to_num(posinf=1.0), zp: torch.zeros(12, 5, dtype=torch.int32)}))
+    with raises(shard, f"{zp}: asymmetric zero points not supported"):
+        load_pretrained(int4, progress=False)

@@ -73,7 +73,7 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         """Tensor names, without the `_scale_inv` companions of fp8 weights (they are part of them); a
         pack-quantized weight appears once, as `<m>.weight`, in place of its three parts."""
-        parts = {f"{m}.{p}" for m in self.packed.values() for p in int4.PARTS}
+        parts = {f"{m}.{p}" for m in self.packed.values() for p in (*int4.PARTS, *int4.UNSUPPORTED_PARTS)}
         out = []
         for k in self.weight_map:
             if k.endswith(".weight_packed") and k in parts:
@@ -402,8 +402,9 @@ class CheckpointReader:
         out_f, in_f = (int(v) for v in raw)
         if out_f < 0 or in_f < 0 or packed.shape != scheme.packed_shape((out_f, in_f)):
             raise CheckpointError(
-                f"{packed.file}: tensor {packed.name!r} has shape {packed.shape}, but {shape.name} {(out_f, in_f)} "
-                f"packs to {scheme.packed_shape((max(out_f, 0), max(in_f, 0)))} (int{scheme.num_bits})"
+                f"{packed.file}: tensor {packed.name!r} has shape {packed.shape}, but {shape.file}: tensor "
+                f"{shape.name!r} says {(out_f, in_f)}, which packs to {scheme.packed_shape((max(out_f, 0), max(in_f, 0)))} "
+                f"(int{scheme.num_bits})"
             )
         if scale.shape != scheme.scale_shape((out_f, in_f)):
             raise CheckpointError(
