@@ -33,14 +33,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
+from common import encode_header, print_table, tensor_bytes  # noqa: E402
 
 from k2mini import K2Config  # noqa: E402
 from k2mini.analysis.params import hf_tensor_shapes, layout_bytes  # noqa: E402
 from k2mini.checkpoint import K2_QUANTIZATION_CONFIG  # noqa: E402
 from k2mini.checkpoint.fp8 import scale_shape  # noqa: E402
 from k2mini.checkpoint.names import is_fp8_quantized, scale_name  # noqa: E402
-from k2mini.checkpoint.safetensors_format import encode_header, tensor_bytes  # noqa: E402
 
 # K2's vocabulary, routing (384 experts, top-8, 1 shared, scaling 2.827) and fp8 format; 3 layers.
 CONFIG = dict(

@@ -183,3 +183,19 @@ def test_channel_strategy_checkpoint(tmp_path):
     with CheckpointReader(tmp_path / "c") as reader:
         assert reader.pack_scheme == PackScheme(8, None)
         assert all(torch.equal(reader.get(k), v) for k, v in served.items())
+
+
+def test_one_expert_over_http_transfers_its_three_parts(ckpt):
+    from http_range_server import RangeServer
+
+    path, _, served, _ = ckpt
+    with RangeServer(path) as server:
+        reader = CheckpointReader(server.url)
+        parts = [reader.info(f"{EXPERT[:-7]}.{p}") for p in ("weight_packed", "weight_scale", "weight_shape")]
+        before = server.bytes_served
+        got = reader.get(EXPERT)
+        assert server.bytes_served - before == sum(p.nbytes for p in parts)  # packed words, scales, shape
+        assert torch.equal(got, served[EXPERT])
+        remote = k2mini.load_pretrained(server.url, progress=False).state_dict()
+    local = k2mini.load_pretrained(path, progress=False).state_dict()
+    assert all(torch.equal(remote[k], v) for k, v in local.items())

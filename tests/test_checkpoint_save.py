@@ -237,3 +237,61 @@ def test_a_diverged_model_is_not_exported(tmp_path):
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight' holds inf or nan"):
         save_pretrained(broken, tmp_path / "ckpt", fp8=True, progress=False)
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------- INT4 export (K2-Thinking's layout)
+@pytest.fixture(scope="module")
+def saved_int4(model, tmp_path_factory):
+    return save_pretrained(model, tmp_path_factory.mktemp("save") / "int4", quantization="int4", max_shard_bytes=150_000, progress=False)
+
+
+def test_int4_export_writes_k2_thinking_layout(model, saved_int4):
+    from checkpoint_factory import K2_THINKING_QUANTIZATION
+
+    config = json.loads((saved_int4 / "config.json").read_text())
+    assert config["quantization_config"] == K2_THINKING_QUANTIZATION
+    index = json.loads((saved_int4 / "model.safetensors.index.json").read_text())["weight_map"]
+    packed = [k for k in index if k.endswith(".weight_packed")]
+    assert len(packed) == 2 * 6 * 3 and all(re.search(r"mlp\.experts\.\d+\.(gate|up|down)_proj", k) for k in packed)
+    for name, shard in index.items():  # what safetensors itself reads back
+        with safe_open(saved_int4 / shard, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            t = f.get_tensor(name)
+        want = {"weight_packed": torch.int32, "weight_shape": torch.int32, "weight_scale": torch.bfloat16}
+        kind = name.rsplit(".", 1)[-1]
+        assert t.dtype == want.get(kind, torch.float32 if "correction_bias" in name else torch.bfloat16), name
+
+
+def test_int4_round_trip_through_k2mini_and_compressed_tensors(model, saved_int4):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    from checkpoint_factory import ct_args
+
+    _, scheme = ct_args(4, 32)
+    back = load_pretrained(saved_int4, progress=False)
+    stacked = dict(model.named_parameters())
+    with CheckpointReader(saved_int4) as reader:
+        for layer in (1, 2):
+            for e in range(6):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    base = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                    parts = {p: reader.read_raw(f"{base}.{p}") for p in ("weight_packed", "weight_scale", "weight_shape")}
+                    parts["weight_scale"] = parts["weight_scale"].float()  # the exact product, not bf16's
+                    ct = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+                    ours = back.state_dict()[f"model.layers.{layer}.mlp.experts.{proj}"][e]
+                    assert torch.equal(ours, ct), base
+                    w = stacked[f"model.layers.{layer}.mlp.experts.{proj}"][e].detach()
+                    # round to nearest: half a step, plus the clamp at +7 where the bf16 scale was rounded
+                    # down (amax / s <= 7.5 * (1 + 2^-8)): at most 0.53 steps
+                    step = parts["weight_scale"].repeat_interleave(32, dim=1)[:, : w.shape[1]]
+                    assert ((ours - w).abs() <= 0.53 * step).all(), base
+    assert (logits(back) - logits(model)).abs().max().item() > 1e-3  # INT4 did change something
+
+
+def test_quantization_arguments(model, tmp_path):
+    with pytest.raises(ValueError, match="disagree"):
+        save_pretrained(model, tmp_path / "x", fp8=True, quantization="int4", progress=False)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        save_pretrained(model, tmp_path / "x", quantization="int3", progress=False)
+    assert not (tmp_path / "x").exists()

@@ -1,5 +1,8 @@
-"""The safetensors file format, parsed and written by hand so that the same code reads local files and
-byte ranges fetched over the network.
+"""The safetensors file format's header, parsed by hand: the safetensors library opens whole local
+files only, and this parser reads the header of a file of which only byte ranges are fetched (hf://,
+http(s)). The same validated header then serves local files too, so that a tensor is read straight
+into its destination (`benchmarks/bench_checkpoint_read.py` measures this against `safe_open`).
+Files are written by the safetensors library (save.py).
 
 A file is: 8 bytes little-endian header length n, n bytes of JSON
 `{"__metadata__": {...}, name: {"dtype": "F32", "shape": [r, c], "data_offsets": [begin, end]}, ...}`
@@ -148,22 +151,3 @@ def decode(buffer, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     if count == 0:
         return torch.empty(shape, dtype=DTYPES[dtype])
     return torch.frombuffer(buffer, dtype=DTYPES[dtype], count=count).reshape(shape)
-
-
-def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None) -> bytes:
-    """Length prefix + JSON header for tensors written back to back in the order given."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, dtype, shape in entries:
-        n = math.prod(shape) * DTYPES[dtype].itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data area starts 8-byte aligned
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's raw bytes (CPU, contiguous) as safetensors stores them."""
-    t = t.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -1,12 +1,14 @@
 """save_pretrained: K2ForCausalLM -> a HF-format checkpoint that transformers loads (per-expert names,
-sharded safetensors + index), optionally fp8-quantized the way Kimi-K2 publishes its weights.
+sharded safetensors + index), optionally quantized the way Kimi-K2 (fp8) or Kimi-K2-Thinking (INT4
+experts, compressed-tensors pack-quantized) publish their weights.
 
 The checkpoint is written into a hidden temporary directory beside `path`, flushed to disk, and only
 then renamed to `path`: an interrupted save never leaves a directory that looks like a checkpoint (the
 next save into `path` removes such leftovers). Over an existing `path`, only its previous checkpoint is
 replaced: config.json, the index and the shards the index names; every other file is carried over, and
 a config.json without an index (a checkpoint save_pretrained did not write) is never replaced.
-Tensors are produced and written one at a time, so memory stays at the model plus one tensor.
+Shards are written by the safetensors library (metadata {"format": "pt"}), which takes a whole file's
+tensors at once: memory stays at the model plus the converted tensors of one shard (`max_shard_bytes`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from tqdm.auto import tqdm
 
 from ..atomic import temp_dir
 from ..config import K2_QUANTIZATION_CONFIG
+from . import int4
 from .fp8 import quantize_fp8, scale_shape
-from .names import hf_tensors, is_fp8_quantized, scale_name
+from .names import EXPERT_RE, hf_tensors, is_fp8_quantized, scale_name
 from .reader import CONFIG, INDEX
-from .safetensors_format import DTYPE_NAMES, DTYPES, encode_header, tensor_bytes
+from .safetensors_format import DTYPE_NAMES, DTYPES
+
+QUANTIZATIONS = (None, "fp8", "int4")
 
 
 def save_pretrained(
@@ -37,24 +42,37 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    quantization: str | None = None,
 ) -> Path:
     """Write `model` as config.json + model-0000i-of-0000N.safetensors + model.safetensors.index.json.
 
-    fp8: store every attention and FFN Linear weight (dense, routed and shared experts) as float8_e4m3fn
-    with a float32 `<name>_scale_inv` per 128x128 block, and say so in config.json's quantization_config.
-    dtype: dtype of the other tensors (default: as in the model); the router's correction bias stays
-    float32. In an existing `path`, the previous checkpoint (config.json, model.safetensors.index.json and
-    the shards it names) is replaced and every other file (tokenizer, README, a model_backup.safetensors)
-    carried over; a config.json there without an index is someone else's checkpoint: FileExistsError.
+    quantization: None (as the model is), "fp8" (Kimi-K2's layout) or "int4" (Kimi-K2-Thinking's).
+    "fp8" (or fp8=True): every attention and FFN Linear weight (dense, routed and shared experts) as
+        float8_e4m3fn with a float32 `<name>_scale_inv` per 128x128 block.
+    "int4": the routed experts as compressed-tensors pack-quantized INT4 (int32 `weight_packed`, bf16
+        `weight_scale` per 32 columns, int32 `weight_shape`), everything else bfloat16 unless `dtype`
+        says otherwise (int4.quantize_packed is the quantizer).
+    Either way config.json's quantization_config says so. dtype: dtype of the other tensors (default:
+    as in the model; bfloat16 for "int4"); the router's correction bias stays float32. In an existing
+    `path`, the previous checkpoint (config.json, model.safetensors.index.json and the shards it names)
+    is replaced and every other file (tokenizer, README, a model_backup.safetensors) carried over; a
+    config.json there without an index is someone else's checkpoint: FileExistsError.
     A tensor holding inf or nan is a ValueError, before anything is written.
     """
+    if fp8 and quantization not in (None, "fp8"):
+        raise ValueError(f"fp8=True and quantization={quantization!r} disagree; pass one of them")
+    quantization = "fp8" if fp8 else quantization
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "int4" and dtype is None:
+        dtype = torch.bfloat16  # K2-Thinking keeps everything but the routed experts in bf16
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: exists and is not a directory")
     previous = _previous_output(path)
-    groups = _plan(model, fp8, dtype)
+    groups = _plan(model, quantization, dtype)
     _check_finite(groups)
     shards = _split(groups, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -66,8 +84,10 @@ def save_pretrained(
         config = model.config.to_hf()
         config.pop("quantization_config", None)
         config["dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
-        if fp8:
+        if quantization == "fp8":
             config["quantization_config"] = dict(K2_QUANTIZATION_CONFIG)
+        elif quantization == "int4":
+            config["quantization_config"] = json.loads(json.dumps(int4.K2_THINKING_QUANTIZATION_CONFIG))
         _write_file(tmp / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         weight_map = {}
         bar = tqdm(total=sum(_group_bytes(g) for g in groups), unit="B", unit_scale=True, desc="saving", disable=not progress)
@@ -87,13 +107,17 @@ def save_pretrained(
     return path
 
 
-def _plan(model, fp8, dtype) -> list[dict]:
-    """One group per HF weight (fp8: weight + its scale, kept in the same shard)."""
+def _plan(model, quantization, dtype) -> list[dict]:
+    """One group per HF weight (quantized: its parts, kept in the same shard)."""
     groups = []
     for hf, source in hf_tensors(model):
-        if fp8 and is_fp8_quantized(hf):
-            shape = tuple(source.shape)
+        shape = tuple(source.shape)
+        if quantization == "fp8" and is_fp8_quantized(hf):
             entries = [(hf, "F8_E4M3", shape), (scale_name(hf), "F32", scale_shape(shape))]
+        elif quantization == "int4" and EXPERT_RE.match(hf):
+            base, scheme = hf[: -len(".weight")], int4.PackScheme()
+            entries = [(f"{base}.weight_packed", "I32", scheme.packed_shape(shape)),
+                       (f"{base}.weight_scale", "BF16", scheme.scale_shape(shape)), (f"{base}.weight_shape", "I32", (2,))]
         else:
             out = torch.float32 if hf.endswith("e_score_correction_bias") else (dtype or source.dtype)
             entries = [(hf, DTYPE_NAMES[out], tuple(source.shape))]
@@ -130,20 +154,36 @@ def _produce(group) -> list[torch.Tensor]:
     w = group["source"].detach()
     if dtype == "F8_E4M3":
         return list(quantize_fp8(w))
-    return [w.to("cpu", DTYPES[dtype])]
+    if dtype == "I32" and hf.endswith(".weight_packed"):
+        packed, scale, shape = int4.quantize_packed(w, int4.PackScheme(), torch.bfloat16)
+        return [packed, scale, shape.to(torch.int32)]
+    # an expert is a view of one stacked parameter: a copy of its own, as the safetensors library
+    # refuses tensors that share storage
+    t = w.to("cpu", DTYPES[dtype])
+    return [t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t]
 
 
 def _write_shard(path: Path, groups, bar):
-    entries = [t for g in groups for t in g["tensors"]]
-    with open(path, "wb") as f:
-        f.write(encode_header(entries))
-        for g in groups:
-            for (name, dtype, shape), t in zip(g["tensors"], _produce(g)):
-                assert DTYPE_NAMES[t.dtype] == dtype and tuple(t.shape) == shape, name
-                f.write(tensor_bytes(t))
-            bar.update(_group_bytes(g))
-        f.flush()
-        os.fsync(f.fileno())
+    tensors = {}
+    for g in groups:
+        for (name, dtype, shape), t in zip(g["tensors"], _produce(g)):
+            assert DTYPE_NAMES[t.dtype] == dtype and tuple(t.shape) == shape, name
+            tensors[name] = t.contiguous()
+        bar.update(_group_bytes(g))
+    write_safetensors(path, tensors)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file by the safetensors library itself (metadata {"format": "pt"}, as
+    transformers and the hub tooling expect), flushed to disk."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes):
