@@ -160,24 +160,25 @@ def unpack(packed: torch.Tensor, cols: int, num_bits: int = 4) -> torch.Tensor:
     """int32 words (R, W) -> the signed codes q (R, cols) as int8."""
     scheme = PackScheme(num_bits, None)
     scratch = torch.empty(packed.shape[0], packed.shape[1] * 4, max(1, 8 // num_bits), dtype=torch.uint8)
-    out = torch.empty(packed.shape[0], cols, dtype=torch.int8)
-    return out.copy_(_codes(packed, scheme, cols, scratch)).sub_(scheme.offset)
+    return _signed_codes(packed, scheme, cols, scratch).clone()
 
 
-def _codes(packed: torch.Tensor, scheme: PackScheme, cols: int, scratch: torch.Tensor) -> torch.Tensor:
-    """The unsigned codes (R, cols), as uint8, through scratch (R, 4W, codes per byte)."""
+def _signed_codes(packed: torch.Tensor, scheme: PackScheme, cols: int, scratch: torch.Tensor) -> torch.Tensor:
+    """The codes q (R, cols) as int8, through scratch (R, 4W, codes per byte) uint8: each stored code
+    minus 2^(bits-1), wrapped in uint8, is q's two's complement byte."""
     if packed.dtype != torch.int32:
         raise ValueError(f"packed weights must be int32, got {packed.dtype}")
     data = packed.view(torch.uint8)  # (R, 4W): little-endian, so byte b of word w is 8 bits from 8b
     bits, per_byte = scheme.num_bits, scratch.shape[-1]
     if per_byte == 1:
-        return data[:, :cols]
+        scratch[..., 0].copy_(data)
     mask = (1 << bits) - 1
-    for j in range(per_byte):  # code j of each byte sits at bits [bits * j, bits * (j + 1))
+    for j in range(per_byte if per_byte > 1 else 0):  # code j of a byte sits at bits [bits * j, bits * (j + 1))
         torch.bitwise_right_shift(data, bits * j, out=scratch[..., j])
         if j < per_byte - 1:
             scratch[..., j].bitwise_and_(mask)
-    return rearrange(scratch, "r b j -> r (b j)")[:, :cols]
+    scratch.sub_(scheme.offset)  # byte-sized work, so the float passes below are only convert and scale
+    return rearrange(scratch.view(torch.int8), "r b j -> r (b j)")[:, :cols]
 
 
 def dequantize_packed(
@@ -213,8 +214,7 @@ def dequantize_packed(
     for r in range(0, rows, chunk):
         n = min(chunk, rows - r)
         w = out[r : r + n] if work is None else work[:n]
-        w.copy_(_codes(packed[r : r + n], scheme, cols, scratch[:n]))
-        w.sub_(scheme.offset)  # exact: small integers
+        w.copy_(_signed_codes(packed[r : r + n], scheme, cols, scratch[:n]))  # exact: small integers
         _scale_groups_(w, scale32[r : r + n], scheme.group_size)
         if work is not None:
             out[r : r + n].copy_(w)
