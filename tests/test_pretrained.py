@@ -29,7 +29,12 @@ def test_trains_once_then_loads_from_cache(tiny_recipe):
     stamp = os.stat(path / "training.json").st_mtime_ns
     assert k2mini.pretrained_mini("tiny", root=tiny_recipe, progress=False) == path
     assert os.stat(path / "training.json").st_mtime_ns == stamp  # not retrained
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary directories left
+    # the same weights as K2-Thinking stores them and unquantized; no temporary directories left
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + "-float32", path.name + "-int4"]
+    assert pretrained.mini_path("tiny", tiny_recipe, "int4") == path.parent / (path.name + "-int4")
+    int4 = json.loads((path.parent / (path.name + "-int4") / "config.json").read_text())
+    assert int4["quantization_config"]["format"] == "pack-quantized"
+    assert "quantization_config" not in json.loads((path.parent / (path.name + "-float32") / "config.json").read_text())
     model = k2mini.load_pretrained(path, progress=False)
     with torch.no_grad():
         assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()

@@ -1,8 +1,9 @@
 """Cached, deterministically trained minis for the notebooks that need trained weights.
 
 `pretrained_mini(name)` trains a named CPU mini on the real corpora the first time it is called (a few
-minutes on 2 cores), saves it in Kimi-K2's fp8 checkpoint format under `data/minis/`, and returns the
-checkpoint's path thereafter. The cache key covers the recipe and CACHE_FORMAT, so changing a recipe,
+minutes on 2 cores), saves it under `data/minis/` in Kimi-K2's fp8 checkpoint format, and beside it in
+Kimi-K2-Thinking's (`format="int4"`: INT4 routed experts) and unquantized (`format="float32"`), and
+returns the checkpoint's path thereafter. The cache key covers the recipe and CACHE_FORMAT, so changing a recipe,
 or how a checkpoint is written, retrains instead of serving stale files.
 """
 
@@ -53,7 +54,9 @@ RECIPES: dict[str, dict] = {
 
 # Bump when what save_pretrained writes changes (config.json fields, header layout): old caches then
 # stay untouched under their old names and the next call trains afresh.
-CACHE_FORMAT = 2
+# 3: shards written by the safetensors library; the int4 and float32 copies.
+CACHE_FORMAT = 3
+FORMATS = ("fp8", "int4", "float32")  # as Kimi-K2 publishes, as Kimi-K2-Thinking does, unquantized
 
 
 def _key(recipe: dict) -> str:
@@ -61,25 +64,33 @@ def _key(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def mini_path(name: str = "k2-mini", root: str | os.PathLike | None = None) -> Path:
-    """Where the cached checkpoint of mini `name` lives (whether or not it exists yet)."""
+def mini_path(name: str = "k2-mini", root: str | os.PathLike | None = None, format: str = "fp8") -> Path:
+    """Where the cached checkpoint of mini `name` in `format` lives (whether or not it exists yet)."""
     if name not in RECIPES:
         raise ValueError(f"unknown mini {name!r}; choose from {sorted(RECIPES)}")
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose from {FORMATS}")
     from ..data import default_data_root
 
     root = Path(root) if root is not None else Path(default_data_root())
-    return root / "minis" / f"{name}-{_key(RECIPES[name])}"
+    return root / "minis" / f"{name}-{_key(RECIPES[name])}{'' if format == 'fp8' else '-' + format}"
 
 
 def pretrained_mini(
-    name: str = "k2-mini", root: str | os.PathLike | None = None, progress: bool = True, retrain: bool = False
+    name: str = "k2-mini",
+    root: str | os.PathLike | None = None,
+    progress: bool = True,
+    retrain: bool = False,
+    format: str = "fp8",
 ) -> Path:
-    """Path to the fp8 checkpoint of mini `name`, training and caching it first if needed.
+    """Path to the checkpoint of mini `name`, training and caching it first if needed.
 
+    format: "fp8" (Kimi-K2's format), "int4" (Kimi-K2-Thinking's: INT4 routed experts, the rest
+    bf16) or "float32" (unquantized): the same trained weights, saved three ways at once.
     Load it with `k2mini.load_pretrained(path)`; `path / "training.json"` records the recipe, the
     history summary and the machine it was trained on.
     """
-    path = mini_path(name, root)
+    path = mini_path(name, root, format)
     if (path / "training.json").exists() and not retrain:
         return path
     recipe = RECIPES[name]
@@ -107,7 +118,6 @@ def pretrained_mini(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.training-", dir=path.parent))
     try:
-        save_pretrained(model.eval(), tmp / "checkpoint", fp8=True, progress=False)
         final = history.iloc[-1]
         record = {
             "name": name,
@@ -119,11 +129,14 @@ def pretrained_mini(
             "torch": torch.__version__,
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
         }
-        staged = tmp / "checkpoint"
-        (staged / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staged, path)  # training.json inside marks it complete
+        for fmt in FORMATS:
+            quantization = None if fmt == "float32" else fmt
+            staged = save_pretrained(model.eval(), tmp / fmt, quantization=quantization, progress=False)
+            (staged / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            target = mini_path(name, root, fmt)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staged, target)  # training.json inside marks it complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
