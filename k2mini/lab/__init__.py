@@ -5,13 +5,14 @@ run cache), `records` (committed records of full-scale runs), `stability` and `r
 (summaries and verdicts of notebooks 04, and 02 / 05), `attention_costs` (KV-cache and decode
 arithmetic), `palette`, `plots` and `plots_stability` (figures; need the [lab] extra), `seriation`
 (clustered heatmap orderings, scipy), `pretrained` (`pretrained_mini`: small K2s trained once and
-cached).
+cached; also as K2-Thinking's INT4 and unquantized), `quantization_study` (what fp8 and INT4 storage do
+to a trained model).
 """
 
 import importlib
 
 _SUBMODULES = {"experiments", "records", "stability", "routing_study", "attention_costs", "palette", "plots",
-               "plots_stability", "seriation", "pretrained"}
+               "plots_stability", "seriation", "pretrained", "quantization_study"}
 
 
 def pretrained_mini(*args, **kwargs):
