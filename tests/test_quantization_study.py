@@ -6,7 +6,7 @@ import torch
 
 import k2mini
 from k2mini.checkpoint import load_pretrained, save_pretrained
-from k2mini.lab.quantization_study import quantization_study, topk_overlap
+from k2mini.lab.quantization_study import quantization_study, stored_bytes, topk_overlap
 
 pytest.importorskip("pandas")
 
@@ -29,11 +29,20 @@ def models(tmp_path_factory):
     out = {"float32": model}
     for q in ("fp8", "int4"):
         out[q] = load_pretrained(save_pretrained(model, root / q, quantization=q, progress=False), progress=False)
-    return config, out
+    return config, out, root
+
+
+def test_stored_bytes(models):
+    config, _, root = models
+    E, L, H, I = config.n_routed_experts, config.n_moe_layers, config.hidden_size, config.moe_intermediate_size
+    n = 3 * H * I * E * L  # routed expert parameters
+    int4, fp8 = stored_bytes(root / "int4"), stored_bytes(root / "fp8")
+    assert int4["experts"] == n // 2 + 2 * n // 32 + 4 * 2 * 3 * E * L  # 4 bits, a bf16 per 32, an int32 (2,) shape
+    assert fp8["experts"] == n + 4 * E * L * (2 * -(-I // 128) * -(-H // 128) + -(-H // 128) * -(-I // 128))
 
 
 def test_study_of_fp8_and_int4(models):
-    config, ms = models
+    config, ms, _ = models
     ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     study = quantization_study(ms, ids)
     E, L = config.n_routed_experts, config.n_moe_layers
@@ -50,7 +59,7 @@ def test_study_of_fp8_and_int4(models):
 
 
 def test_a_model_against_itself_changes_nothing(models):
-    config, ms = models
+    config, ms, _ = models
     ids = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     study = quantization_study({"a": ms["int4"], "b": ms["int4"]}, ids)
     assert (study.expert_error["b"] == 0).all()

@@ -10,6 +10,7 @@ and `study.summary` (per format) are DataFrames; every comparison is against the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -17,6 +18,19 @@ import torch
 import torch.nn.functional as F
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
+
+
+def stored_bytes(source) -> dict[str, int]:
+    """Bytes a checkpoint stores for its routed experts (packed words, scales and shapes included) and
+    for everything else, from the shard headers alone."""
+    from ..checkpoint import CheckpointReader
+
+    out = {"experts": 0, "other": 0}
+    with CheckpointReader(source) as reader:
+        for name in reader.stored_keys():
+            out["experts" if ROUTED_EXPERT.search(name) else "other"] += reader.info(name).nbytes
+    return out
 
 
 @dataclass
