@@ -1,8 +1,9 @@
-"""load_pretrained: a HF-format checkpoint (bf16/fp32 or fp8 with block scales, local or remote) ->
-K2ForCausalLM, shard by shard.
+"""load_pretrained: a HF-format checkpoint (bf16/fp32, fp8 with block scales, or INT4 experts in
+compressed-tensors' pack-quantized format; local or remote) -> K2ForCausalLM, shard by shard.
 
 Everything is checked before any tensor data is read: the config, every expected tensor's presence,
-dtype and shape (against the config), fp8 scales, and that the checkpoint holds nothing unexplained.
+dtype and shape (against the config), fp8 scales and INT4 parts (packed words, scales and the
+2-number `weight_shape`), and that the checkpoint holds nothing unexplained.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ def load_pretrained(
     source, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True, fs=None,
     timeout: float | None = None,
 ) -> K2ForCausalLM:
-    """Load a Kimi-K2 / Moonlight / DeepSeek-V3 style checkpoint into a K2ForCausalLM.
+    """Load a Kimi-K2 / K2-Thinking / K2.5 (text) / Moonlight / DeepSeek-V3 style checkpoint into a K2ForCausalLM.
 
     source: a checkpoint directory, `hf://owner/repo[@revision]`, an http(s) URL of the directory, or
-    an open CheckpointReader. fp8 weights are dequantized to `dtype` on read; the router's correction
-    bias stays float32. timeout: seconds an HTTP read may go without progress (see CheckpointReader). The model is built on the meta device and each tensor is read straight into its
+    an open CheckpointReader. fp8 and INT4 weights are dequantized to `dtype` on read; the router's
+    correction bias stays float32. timeout: seconds an HTTP read may go without progress (see
+    CheckpointReader). The model is built on the meta device and each tensor is read straight into its
     parameter, so peak memory is the model plus a fixed read buffer.
     """
     own = not isinstance(source, CheckpointReader)

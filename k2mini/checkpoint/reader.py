@@ -63,7 +63,7 @@ class CheckpointReader:
             }
             if self.prefix and not self.weight_map:
                 raise CheckpointError(f"{self.source}: config.json has a text_config but no tensor is named {self.prefix}*")
-            self.packed = _packed_weights(self.weight_map, self.files.url(INDEX))  # "<m>.weight" -> "<m>" for pack-quantized weights
+            self.packed = _packed_weights(self.weight_map, self.files.url(INDEX))  # "<m>.weight" -> "<m>", packed
             self._packed_shapes: dict[str, tuple[int, int]] = {}
         except BaseException:
             self.close()
