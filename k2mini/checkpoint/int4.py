@@ -170,6 +170,12 @@ def _signed_codes(packed: torch.Tensor, scheme: PackScheme, cols: int, scratch: 
         raise ValueError(f"packed weights must be int32, got {packed.dtype}")
     data = packed.view(torch.uint8)  # (R, 4W): little-endian, so byte b of word w is 8 bits from 8b
     bits, per_byte = scheme.num_bits, scratch.shape[-1]
+    if bits == 4:  # the release's width: contiguous 16-bit work instead of strided byte writes, ~4x faster
+        pairs = scratch.view(torch.int16).squeeze(-1)  # (R, 4W): one int16 per packed byte
+        wide = torch.empty_like(pairs).copy_(data)  # byte h l (high, low nibble) -> 0000 0000 hhhh llll
+        torch.bitwise_left_shift(wide, 4, out=pairs)  # 0000 hhhh llll 0000
+        pairs.bitwise_or_(wide).bitwise_and_(0x0F0F)  # 0000 hhhh 0000 llll: bytes (l, h), little-endian
+        return _offset(scratch, scheme, cols)
     if per_byte == 1:
         scratch[..., 0].copy_(data)
     mask = (1 << bits) - 1
@@ -177,7 +183,11 @@ def _signed_codes(packed: torch.Tensor, scheme: PackScheme, cols: int, scratch: 
         torch.bitwise_right_shift(data, bits * j, out=scratch[..., j])
         if j < per_byte - 1:
             scratch[..., j].bitwise_and_(mask)
-    scratch.sub_(scheme.offset)  # byte-sized work, so the float passes below are only convert and scale
+    return _offset(scratch, scheme, cols)
+
+
+def _offset(scratch: torch.Tensor, scheme: PackScheme, cols: int) -> torch.Tensor:
+    scratch.sub_(scheme.offset)  # byte-sized work, so the float passes are only convert and scale
     return rearrange(scratch.view(torch.int8), "r b j -> r (b j)")[:, :cols]
 
 
