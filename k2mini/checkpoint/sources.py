@@ -24,7 +24,17 @@ class NetworkError(ConnectionError):
 
 
 class LocalFile:
-    """A byte-range view of a local file."""
+    """A byte-range view of a local file.
+
+    Read with plain read() calls rather than through `safetensors.safe_open`: measured with
+    benchmarks/bench_checkpoint_read.py (1.43 GB, K2-Thinking layout, 1 thread), reading every tensor
+    into memory of its own runs at the same speed warm (3.74 GB/s here, safe_open + copy 3.57) and twice
+    as fast from disk (1.13 against 0.56 GB/s: safe_open's memory map faults pages in one at a time,
+    these reads are hinted ahead), writes straight into a destination (a parameter, a dequantization
+    buffer) without a second copy, and keeps the mapped file out of the process's resident memory
+    (peak RSS 85 MiB against 524 MiB). The header parser is shared with remote sources, which only
+    fetch byte ranges.
+    """
 
     def __init__(self, path: str):
         self.name = path
