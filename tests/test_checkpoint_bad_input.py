@@ -246,6 +246,7 @@ def test_a_string_boolean_in_config_json_is_named(ckpt):
     with raises(ckpt / "config.json", "tie_word_embeddings: must be true or false"):
         load_pretrained(ckpt, progress=False)
 
+
 # ----------------------------------------------------------------- INT4 (pack-quantized) parts
 PACKED = "model.layers.1.mlp.experts.2.up_proj"
 
