@@ -295,3 +295,27 @@ def test_quantization_arguments(model, tmp_path):
     with pytest.raises(ValueError, match="quantization must be one of"):
         save_pretrained(model, tmp_path / "x", quantization="int3", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_transformers_with_compressed_tensors_loads_the_int4_export(saved_int4):
+    """transformers decompresses the experts through compressed-tensors, which multiplies in the scale's
+    bf16: its experts are k2mini's exact products rounded to bf16. On those weights, in float32, the
+    two models give the same logits."""
+    pytest.importorskip("compressed_tensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(saved_int4, dtype=torch.float32).eval()
+    ours = load_pretrained(saved_int4, progress=False)
+    I = ours.config.moe_intermediate_size
+    with torch.no_grad():
+        for layer in ours.moe_layers():
+            theirs = hf.model.layers[layer.index].mlp.experts
+            mine = {p: getattr(layer.mlp.experts, p).to(torch.bfloat16) for p in ("gate_proj", "up_proj", "down_proj")}
+            assert theirs.gate_up_proj.dtype == torch.bfloat16
+            assert torch.equal(theirs.gate_up_proj[:, :I], mine["gate_proj"])
+            assert torch.equal(theirs.gate_up_proj[:, I:], mine["up_proj"])
+            assert torch.equal(theirs.down_proj, mine["down_proj"])
+            for p, w in mine.items():  # k2mini's model on the bf16-rounded experts
+                getattr(layer.mlp.experts, p).copy_(w)
+            # transformers would run its bf16 experts in bf16 (logits off by ~2 here): the same values in float32
+            theirs.gate_up_proj.data = theirs.gate_up_proj.data.float()
+            theirs.down_proj.data = theirs.down_proj.data.float()
+    assert (logits(hf) - logits(ours)).abs().max().item() <= 1e-4
