@@ -130,6 +130,23 @@ def step_flops(ours, ids, loss) -> int:
     return counter.get_total_flops()
 
 
+MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm",
+           "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def matmul_seconds(run, repeats: int = 3) -> float:
+    """Seconds per call that `run` spends inside matrix products (the profiler's self time of the
+    matmul kernels, best of `repeats`): the part of a step that only faster matmuls could shorten."""
+    from torch.profiler import profile
+
+    best = float("inf")
+    for _ in range(repeats):
+        with profile() as prof:
+            run()
+        best = min(best, sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMULS) / 1e6)
+    return best
+
+
 def add_compiled(fwd: dict, step: dict, config_dict: dict, ids, loss) -> float:
     """k2mini with compile_layers() as one more candidate; returns the seconds its compilation took."""
     _, compiled = pair(config_dict)
@@ -167,6 +184,7 @@ def run(threads: int, repeats: int, compile_: bool = False):
         flops = step_flops(ours, ids, loss)
         t_fwd = best_times(fwd, repeats=repeats)
         t_step = best_times(step, repeats=repeats)
+        in_matmuls = matmul_seconds(step["k2mini"])
         for m in (hf, ours):
             m.zero_grad(set_to_none=True)
         hf_fwd = min(v for k, v in t_fwd.items() if k.startswith("transformers"))
@@ -185,14 +203,16 @@ def run(threads: int, repeats: int, compile_: bool = False):
             f"{t_fwd['k2mini'] * 1e3:.1f}", f"{hf_fwd * 1e3:.1f} ({best_fwd})", f"{hf_fwd / t_fwd['k2mini']:.2f}x",
             f"{t_step['k2mini'] * 1e3:.1f}", f"{hf_step * 1e3:.1f} ({best_step})", f"{hf_step / t_step['k2mini']:.2f}x",
             f"{flops / 1e9:.2f}", f"{flops / t_step['k2mini'] / rate:.0%}", f"{flops / hf_step / rate:.0%}",
-            f"{hf_step * rate / flops:.2f}x",
+            f"{hf_step * rate / flops:.2f}x", f"{in_matmuls / t_step['k2mini']:.0%}", f"{hf_step / in_matmuls:.2f}x",
         ))
     print_table(rows, ("shape", "tokens", "k2mini fwd ms", "transformers fwd ms", "k2mini speed",
                        "k2mini step ms", "transformers step ms", "k2mini speed", "step GFLOP",
-                       "k2mini % of matmul rate", "transformers %", "roof"))
-    print("roof: the speed over transformers' step that running every FLOP at the large-matmul rate would give;"
-          " where it is under 1.5x, the 1.5x goal is out of reach on this CPU (small matmuls, softmax, routing"
-          " and elementwise work cannot beat the large-matmul rate)")
+                       "k2mini % of matmul rate", "transformers %", "roof", "k2mini in matmuls",
+                       "matmul floor"))
+    print("roof: the speed over transformers' step if every FLOP ran at the large-matmul rate;"
+          " matmul floor: the same if k2mini's step did nothing but its matrix products, at the speed these"
+          " shapes get (profiled); where the floor is under 1.5x the 1.5x goal is out of reach without faster"
+          " matmul kernels, which both implementations share")
     if compiled_rows:
         print("\nwith model.compile_layers() (torch.compile of attention, norms, dense FFN, shared experts):")
         print_table(compiled_rows, ("shape", "compile s", "fwd ms", "vs eager", "step ms", "vs eager",
