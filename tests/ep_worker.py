@@ -1,6 +1,9 @@
-"""Run by tests/test_parallel_experts.py: `python ep_worker.py WORLD DEGREE OUT_DIR` spawns WORLD gloo
-processes; each compares the expert-parallel model with the single-process one on the same weights and
-saves what it measured to OUT_DIR/rank{r}.pt."""
+"""Run by tests/test_parallel_experts.py and tests/test_parallel_train.py.
+
+`python ep_worker.py exact WORLD DEGREE OUT_DIR` spawns WORLD gloo processes; each compares the
+expert-parallel model with the single-process one on the same weights and saves what it measured to
+OUT_DIR/rank{r}.pt. `python ep_worker.py train WORLD DEGREE OUT_DIR CORPUS` trains a few steps with
+MuonClip, expert-parallel (WORLD 1: one process, no torch.distributed), and saves the history."""
 
 import copy
 import os
@@ -11,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import k2mini
 from k2mini import K2Config, K2ForCausalLM
 from k2mini.moe import Routing
 from k2mini.parallel import shard_experts, traffic_from_slots
@@ -91,19 +95,42 @@ def bad_settings(world):
     return msgs
 
 
-def run(rank, world, degree, out_dir):
+def train_run(corpus, degree):
+    from k2mini.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = K2ForCausalLM(K2Config.preset("k2-micro"))
+    if degree:
+        shard_experts(model, degree)
+    data = k2mini.make_dataset(k2mini.load_corpus(corpus), val_fraction=0.1, block_size=256)
+    opt = build_optimizer(model, "muonclip", lr=3e-3, tau=0.5)
+    h = k2mini.train(model, data, opt, 4, batch_size=4, seq_len=32, eval_every=2, eval_batches=2,
+                     balancing="loss_free", bias_update_speed=0.01, progress=False)
+    return {"loss": h["train_loss"].tolist(), "val": h["val_loss"].dropna().tolist(), "grad_norm": h["grad_norm"].tolist(),
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "first": model.expert_parallel.first if degree else 0}
+
+
+def run(rank, world, degree, out_dir, mode="exact", corpus=None):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
-        result = exactness(rank, world, degree)
-        result.update(balanced_traffic(degree))
-        result["bad"] = bad_settings(world)
+        if mode == "train":
+            result = train_run(corpus, degree)
+        else:
+            result = exactness(rank, world, degree)
+            result.update(balanced_traffic(degree))
+            result["bad"] = bad_settings(world)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    world, degree, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    # fork: the children share the parent's imports (torch, k2mini) instead of importing them again
-    mp.start_processes(run, args=(world, degree, out_dir), nprocs=world, start_method="fork")
+    mode, world, degree, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    corpus = sys.argv[5] if len(sys.argv) > 5 else None
+    if world == 1:
+        torch.save(train_run(corpus, None), os.path.join(out_dir, "single.pt"))
+    else:
+        # fork: the children share the parent's imports (torch, k2mini) instead of importing them again
+        mp.start_processes(run, args=(world, degree, out_dir, mode, corpus), nprocs=world, start_method="fork")
