@@ -17,13 +17,14 @@ def _is_expert(name: str) -> bool:
 
 def clip_grad_norm_(model, max_norm: float | None) -> float:
     """Clip the gradients of `model` (after shard_experts) to `max_norm` (None: only measure); the norm before."""
-    expert_sq = torch.zeros((), dtype=torch.float32)
-    shared_sq = torch.zeros((), dtype=torch.float32)
+    device = model.lm_head.weight.device  # NCCL reduces tensors on the GPU
+    expert_sq = torch.zeros((), dtype=torch.float32, device=device)
+    shared_sq = torch.zeros((), dtype=torch.float32, device=device)
     grads = []
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square().cpu()
+        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square().to(device)
         if _is_expert(name):
             expert_sq += sq
         else:
