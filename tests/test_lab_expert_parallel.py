@@ -43,3 +43,18 @@ def test_device_limited_routing_stays_within_its_groups():
     assert distinct_groups(grouped.indices, 64, 8).max() <= 3
     assert distinct_groups(single.indices, 64, 8).float().mean() > distinct_groups(grouped.indices, 64, 8).float().mean()
     assert distinct_groups(torch.tensor([[0, 9, 63]]), 64, 8).tolist() == [3]
+
+
+def test_plot_dispatch_draws_every_rank():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from k2mini.lab.expert_parallel import plot_dispatch
+
+    ranks = [{"rank": r, "first": 2 * r, "n_local": 2, "slots": {1: torch.tensor([3, 1, 0, 4])}} for r in range(2)]
+    ax = plot_dispatch(ranks, 1)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["rank 0's tokens", "rank 1's tokens"]
+    assert len(ax.patches) == 2  # the slots each rank keeps
+    plt.close("all")

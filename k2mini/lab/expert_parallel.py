@@ -93,6 +93,31 @@ def dispatch_record(world: int = 2, degree: int | None = None, seed: int = 0, ba
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
+def plot_dispatch(ranks: list[dict], layer: int, ax=None, title=None):
+    """Token-slots each rank's tokens (rows) sent to each expert (columns) in MoE layer `layer`. Black
+    lines separate the experts of different ranks; orange boxes are the slots that stay home (a rank's
+    tokens routed to its own experts); everything else crosses the all-to-all."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    slots = np.stack([r["slots"][layer].numpy() for r in ranks])  # (world, E)
+    n_local, E = ranks[0]["n_local"], slots.shape[1]
+    ax = ax or plt.subplots(figsize=(9, 0.8 + 0.5 * len(ranks)))[1]
+    im = ax.imshow(slots, aspect="auto", cmap="Blues")
+    for boundary in range(n_local, E, n_local):
+        ax.axvline(boundary - 0.5, color="black", lw=1.5)
+    for r in ranks:
+        ax.add_patch(Rectangle((r["first"] - 0.5, r["rank"] - 0.5), n_local, 1, fill=False, edgecolor="tab:orange", lw=2.5))
+    for (i, j), v in np.ndenumerate(slots):
+        ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=7, color="white" if v > slots.max() / 2 else "black")
+    ax.set_yticks(range(len(ranks)), [f"rank {r['rank']}'s tokens" for r in ranks])
+    ax.set_xticks(range(E))
+    ax.set_xlabel("routed expert (black lines: where the rank holding the experts changes)")
+    ax.set_title(title or f"token-slots sent to each expert, MoE layer {layer} (orange: stays home)")
+    plt.colorbar(im, ax=ax, fraction=0.03)
+    return ax
+
+
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
