@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import k2mini
 from k2mini import K2Config, K2ForCausalLM
-from k2mini.moe import Routing
+from k2mini.moe import Routing, grouped_experts
 from k2mini.parallel import shard_experts, traffic_from_slots
 
 BATCH, SEQ = 4, 16
@@ -73,6 +73,8 @@ def balanced_traffic(degree):
     """Routing built by hand so that every rank sends every rank of its group the same number of slots."""
     torch.manual_seed(1)
     model = K2ForCausalLM(K2Config.preset("k2-micro"))
+    moe = model.moe_layers()[0].mlp.experts
+    full_stack = [p.detach().clone() for p in (moe.gate_proj, moe.up_proj, moe.down_proj)]
     shard_experts(model, degree)
     experts = model.moe_layers()[0].mlp.experts
     E, k, N = experts.n_experts, 2, 8 * degree
@@ -80,8 +82,15 @@ def balanced_traffic(degree):
     weights = torch.rand(N, k, requires_grad=True)
     x = torch.randn(N, model.config.hidden_size, requires_grad=True)
     experts(x, Routing(indices, weights, None)).sum().backward()
-    return {"balanced_sent": dict(experts.traffic.sent), "balanced_received": dict(experts.traffic.received),
-            "balanced_tokens": N, "weights_grad": weights.grad is not None and x.grad is not None}
+    result = {"balanced_sent": dict(experts.traffic.sent), "balanced_received": dict(experts.traffic.received),
+              "balanced_tokens": N, "weights_grad": weights.grad is not None and x.grad is not None}
+    # every token to the first rank's experts: the others receive nothing and must still take part
+    full = full_stack  # (gate, up, down) of the same layer before sharding
+    indices = torch.randint(0, experts.groups.n_local, (N, k))
+    y = experts(x, Routing(indices, weights, None))
+    result["skewed_err"] = max_err(y, grouped_experts(x, indices, weights, *full))
+    y.sum().backward()
+    return result
 
 
 def bad_settings(world):

@@ -7,6 +7,7 @@ same bytes the other way. Rows a rank "sends" to itself are a local copy and are
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -38,7 +39,7 @@ def _exchange(x, send_splits, recv_splits, group, traffic, key):
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x, recv_splits, send_splits, group=group)
     if traffic is not None:
-        row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()  # (a rank may send no rows at all)
         traffic.record(key, row_bytes, send_splits, recv_splits, dist.get_rank(group))
     return out
 

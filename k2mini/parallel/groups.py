@@ -36,6 +36,9 @@ class ExpertParallelGroups:
     replicas: object | None  # the ranks holding the same experts (None when world == degree)
     n_experts: int
 
+    def __deepcopy__(self, memo):  # process groups are handles to shared connections: a copied model shares them
+        return self
+
     @property
     def ep_rank(self) -> int:
         return self.rank % self.degree
