@@ -3,7 +3,8 @@
 `python ep_worker.py exact WORLD DEGREE OUT_DIR` spawns WORLD gloo processes; each compares the
 expert-parallel model with the single-process one on the same weights and saves what it measured to
 OUT_DIR/rank{r}.pt. `python ep_worker.py train WORLD DEGREE OUT_DIR CORPUS` trains a few steps with
-MuonClip, expert-parallel (WORLD 1: one process, no torch.distributed), and saves the history."""
+MuonClip, expert-parallel (WORLD 1: one process, no torch.distributed), and saves the history; under
+torchrun each process runs one rank."""
 
 import copy
 import os
@@ -122,7 +123,10 @@ def train_run(corpus, degree):
 
 def run(rank, world, degree, out_dir, mode="exact", corpus=None):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: rank and rendezvous from its environment
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         if mode == "train":
             result = train_run(corpus, degree)
@@ -140,6 +144,8 @@ if __name__ == "__main__":
     corpus = sys.argv[5] if len(sys.argv) > 5 else None
     if world == 1:
         torch.save(train_run(corpus, None), os.path.join(out_dir, "single.pt"))
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        run(int(os.environ["RANK"]), world, degree, out_dir, mode, corpus)
     else:
         # fork: the children share the parent's imports (torch, k2mini) instead of importing them again
         mp.start_processes(run, args=(world, degree, out_dir, mode, corpus), nprocs=world, start_method="fork")

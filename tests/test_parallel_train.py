@@ -1,4 +1,4 @@
-"""`k2mini.train` on an expert-parallel model (2 gloo processes, MuonClip, loss-free balancing) trains like
+"""`k2mini.train` on an expert-parallel model (torchrun, 2 gloo processes, MuonClip, loss-free balancing) trains like
 one process on the same global batches: losses, gradient norms, weights and correction biases."""
 
 import os
@@ -18,9 +18,11 @@ def test_expert_parallel_training_equals_one_process(tmp_path):
     corpus.write_text(TEXT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = str(HERE / "ep_worker.py")
-    for world in ("1", "2"):
-        subprocess.run([sys.executable, worker, "train", world, "2", str(tmp_path), str(corpus)], check=True, env=env,
-                       timeout=120, capture_output=True)
+    args = ["train", "2", "2", str(tmp_path), str(corpus)]
+    subprocess.run([sys.executable, worker, *args[:1], "1", *args[2:]], check=True, env=env, timeout=120, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                    "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", worker, *args],
+                   check=True, env=env, timeout=120, capture_output=True)
     single = torch.load(tmp_path / "single.pt", weights_only=False)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r in ranks:
