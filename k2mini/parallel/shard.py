@@ -1,7 +1,7 @@
 """Converting a single-process K2ForCausalLM into an expert-parallel one, in place.
 
 Why DDP, not FSDP2, for the parameters outside the experts: in a K2-shaped model nearly all weights
-are routed experts (K2: ~1.03T of 1.04T), and those are already sharded, one whole expert per rank, by
+are routed experts (K2: 1.01T of its 1.03T), and those are already sharded, whole experts per rank, by
 expert parallelism itself. What stays replicated (attention, dense layers, shared experts, router,
 embeddings) is small, so sharding it with FSDP2's `fully_shard` would add an all-gather before and a
 reduce-scatter after every layer to save little memory; and Muon orthogonalizes whole matrices, so a
@@ -43,7 +43,8 @@ def shard_experts(model, degree: int | None = None):
     Afterwards rank r holds experts [e0, e0 + E/degree) of each layer, whole (so Muon orthogonalizes
     them with no gather), and everything else replicated. Wrap the model in DistributedDataParallel
     (`k2mini.train` does) to average the replicated gradients; the expert parameters are registered as
-    ignored by DDP. Returns the model; `model.expert_parallel` holds the groups.
+    ignored by DDP (through its `_set_params_and_buffers_to_ignore_for_model`, which `DistributedDataParallel`
+    reads when it wraps the model). Returns the model; `model.expert_parallel` holds the groups.
 
     ValueError if the degree does not fit: larger than the world, not dividing it, or not dividing
     the number of routed experts.
