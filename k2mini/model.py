@@ -229,7 +229,6 @@ class K2ForCausalLM(nn.Module):
             check_sampling(temperature, top_k, top_p)
         if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < self.config.vocab_size):
             raise ValueError(f"eos_token_id {eos_token_id!r} is outside the vocabulary [0, {self.config.vocab_size})")
-        self._check_ids(input_ids)
         cache = KVCache.empty(self.config)
         out = self(input_ids, cache=cache, absorbed=absorbed)
         tokens = input_ids

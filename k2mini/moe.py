@@ -76,10 +76,6 @@ def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.bincount(indices.reshape(-1), minlength=n_experts)
 
 
-def swiglu(x, w_gate, w_up, w_down):
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
-
-
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch runs torch._grouped_mm (forward and backward) for this device and dtype."""
     key = (device.type, dtype)

@@ -189,9 +189,7 @@ class CheckpointReader:
         r0, r1 = _row_range(info, rows)
         shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
         if out is not None:
-            if tuple(out.shape) != shape:
-                raise CheckpointError(f"{info.file}: tensor {name!r} has shape {shape}, the destination {tuple(out.shape)}")
-            if out.device.type != "cpu" or not out.is_contiguous():
+            if not _writable_in_place(out, shape, info.file, name):
                 return out.copy_(self._get(name, out.dtype, rows, None))
             dtype = out.dtype
         fp8 = info.dtype in FP8_DTYPES
@@ -421,9 +419,7 @@ class CheckpointReader:
         r0, r1 = _row_range(packed, rows)
         want = (r1 - r0, shape[1])
         if out is not None:
-            if tuple(out.shape) != want:
-                raise CheckpointError(f"{packed.file}: tensor {name!r} has shape {want}, the destination {tuple(out.shape)}")
-            if out.device.type != "cpu" or not out.is_contiguous():
+            if not _writable_in_place(out, want, packed.file, name):
                 return out.copy_(self._get_packed(name, out.dtype, rows, None))
             dtype = out.dtype
         if not dtype.is_floating_point or dtype.itemsize == 1:
@@ -455,6 +451,14 @@ def _naming(tensor: str | None):
         if tensor is None or "reading tensor" in str(e):
             raise
         raise NetworkError(f"{e} (reading tensor {tensor!r})") from e
+
+
+def _writable_in_place(out: torch.Tensor, shape: tuple, file, name: str) -> bool:
+    """A caller's destination of the wrong shape is an error naming the tensor; True when the result
+    can be read straight into it (contiguous, on the CPU), False when it must be made apart and copied."""
+    if tuple(out.shape) != tuple(shape):
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(shape)}, the destination {tuple(out.shape)}")
+    return out.device.type == "cpu" and out.is_contiguous()
 
 
 def _row_range(info: TensorInfo, rows) -> tuple[int, int]:
