@@ -12,8 +12,12 @@ import pytest
 
 MULTIPROCESS_FILES = {"test_train_ddp.py", "test_parallel_experts.py", "test_parallel_train.py",
                       "test_lab_expert_parallel.py"}
-SLOW_FILES = MULTIPROCESS_FILES | {"test_reference_parity.py", "test_pretrained.py", "test_checkpoint_int4.py",
-                                    "test_quantization_study.py", "test_one_path.py", "test_train.py"}
+MULTIPROCESS_TESTS = {"test_sweep_in_two_processes_equals_one"}
+SLOW_FILES = MULTIPROCESS_FILES | {"test_pretrained.py", "test_quantization_study.py"}
+# the slowest single tests (pytest --durations): compilation, module entry points, fuzzing, import scans
+SLOW_TESTS = MULTIPROCESS_TESTS | {"test_compile_layers_gives_the_same_logits_and_gradients", "test_runs_as_a_module",
+                                   "test_fuzzed_shards_never_load_wrong_weights",
+                                   "test_the_library_never_imports_the_lab_nor_its_libraries"}
 
 
 def pytest_configure(config):
@@ -27,7 +31,8 @@ def pytest_collection_modifyitems(config, items):
         name = item.path.name
         if item.name.startswith("test_claim_"):
             item.add_marker(pytest.mark.claim)
-        if name in MULTIPROCESS_FILES:
+        test = item.originalname or item.name
+        if name in MULTIPROCESS_FILES or test in MULTIPROCESS_TESTS:
             item.add_marker(pytest.mark.multiprocess)
-        if name in SLOW_FILES or item.get_closest_marker("slow"):
+        if name in SLOW_FILES or test in SLOW_TESTS or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
