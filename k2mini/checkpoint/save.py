@@ -225,9 +225,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], final: Path 
 
 
 def _io_errno(message: str) -> int | None:
-    """The errno in a Rust io::Error's text ("... Os { code: 28, kind: StorageFull, ... }")."""
-    m = re.search(r"\bcode: (\d+)", message)
-    return int(m.group(1)) if m else None
+    """The errno in a Rust io::Error's text ("I/O error: ... (os error 28)", or "Os { code: 28, ... }")."""
+    m = re.search(r"\bos error (\d+)|\bcode: (\d+)", message)
+    return int(m.group(1) or m.group(2)) if m else None
 
 
 def _write_file(path: Path, data: bytes, final: Path | None = None):
