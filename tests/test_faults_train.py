@@ -157,3 +157,50 @@ def test_a_full_disk_under_analysis_results_names_the_file(tmp_path):
         save_results(target, extra={"notes": "x" * 100_000})
     assert e.value.errno == errno.EFBIG and str(target) in str(e.value)
     assert os.listdir(tmp_path) == []
+
+
+DDP_CHILD = """
+import sys
+import torch
+import torch.distributed as dist
+import k2mini
+from faults_helpers import TINY_CONFIG
+from k2mini.locks import LockedError
+
+ck, corpus = sys.argv[1:3]
+dist.init_process_group("gloo")
+data = k2mini.make_dataset(k2mini.load_corpus(corpus), val_fraction=0.1, block_size=256)
+torch.manual_seed(0)
+model = k2mini.K2ForCausalLM(k2mini.K2Config.preset("k2-micro").replace(**TINY_CONFIG))
+try:
+    k2mini.train(model, data, torch.optim.AdamW(model.parameters()), 2, batch_size=2, seq_len=16, eval_every=0,
+                 checkpoint_dir=ck, overwrite=True, progress=False)
+    print(f"rank {dist.get_rank()} trained")
+except LockedError as e:
+    print(f"rank {dist.get_rank()} refused: {e}")
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_every_rank_is_refused_a_busy_checkpoint_dir_and_none_waits(corpus, tmp_path):
+    """Rank 0 holds the directory for the run; when it cannot, the other ranks must not wait for it in
+    DistributedDataParallel's first collective."""
+    import subprocess
+    import sys
+
+    from faults_helpers import child_env
+    from k2mini.train_checkpoints import own_checkpoint_dir
+
+    script = tmp_path / "ddp_child.py"
+    script.write_text(DDP_CHILD)
+    ck = tmp_path / "ck"
+    with own_checkpoint_dir(ck):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "--rdzv-backend=c10d",
+             "--rdzv-endpoint=127.0.0.1:0", str(script), str(ck), str(corpus)],
+            env=child_env(), capture_output=True, text=True, timeout=120)
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, done
+    assert lines[0].startswith(f"rank 0 refused: checkpoint_dir {str(ck)!r} is in use by pid {os.getpid()} "), lines
+    assert lines[1].startswith(f"rank 1 refused: rank 0: checkpoint_dir {str(ck)!r} is in use by pid {os.getpid()} "), lines
+    assert os.listdir(ck) == []
