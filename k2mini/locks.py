@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,12 +97,13 @@ def _acquire(lock_path: Path, what: str, blocking: bool) -> int:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise LockedError(
-                    f"{what} is in use by {holder_of(lock_path)} (lock file {lock_path}); wait for it to finish, "
-                    "or use another directory"
-                ) from None
+                busy = f"{what} is in use by {holder_of(lock_path)} (lock file {lock_path})"
+                if not blocking:
+                    raise LockedError(f"{busy}; wait for it to finish, or use another directory") from None
+                warnings.warn(f"{busy}; waiting for it to finish", RuntimeWarning, stacklevel=5)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             if not _same_file(fd, lock_path):  # its holder removed it as we waited: lock the new one
                 os.close(fd)
                 continue

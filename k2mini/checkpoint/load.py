@@ -52,16 +52,32 @@ def _load(reader: CheckpointReader, dtype, device, progress) -> K2ForCausalLM:
         config = K2Config.from_hf(reader.config)
     except ValueError as e:
         raise CheckpointError(f"{reader.files.url('config.json')}: {e}") from None
-    check_sizes(reader, config)
-    check_memory(config, dtype, device, reader.files.url(CONFIG))
+    check_sizes(reader, config)  # before building: a million layers take minutes even on the meta device
     with torch.device("meta"):
         model = K2ForCausalLM(config).to(dtype)
     for layer in model.moe_layers():
         layer.mlp.gate.e_score_correction_bias = layer.mlp.gate.e_score_correction_bias.float()
+    expected = _check_tensors(reader, config, hf_tensors(model))  # on the meta model: nothing allocated yet
+    check_memory(config, dtype, device, reader.files.url(CONFIG))
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty gave the head its own tensor; tie it again before planning
         model.lm_head.weight = model.model.embed_tokens.weight
     plan = hf_tensors(model)  # (hf_name, destination tensor sharing the model's storage); a tied head once
+
+    destination = dict(plan)
+    with torch.no_grad():
+        groups = reader.group_by_shard(expected)
+        for shard, names in tqdm(groups.items(), desc="loading shards", unit="shard", disable=not progress):
+            for hf in reader.read_ahead(names):  # the next tensors load while this one is converted
+                reader.get(hf, out=destination[hf])
+    inv_freq, _ = rope_frequencies(config)
+    model.inv_freq = inv_freq.to(device)
+    return model.eval()
+
+
+def _check_tensors(reader: CheckpointReader, config: K2Config, plan) -> set[str]:
+    """Every tensor the config needs is there, nothing unexplained is, and every header, dtype, shape and
+    fp8 scale fits (`plan` may be the meta model's): before any data is read. Returns the names."""
     missing = [hf for hf, _ in plan if hf not in reader]
     if missing:
         raise CheckpointError(
@@ -76,18 +92,9 @@ def _load(reader: CheckpointReader, dtype, device, progress) -> K2ForCausalLM:
     ]
     if unexpected:
         raise CheckpointError(f"{reader.source}: tensors the config does not explain, e.g. {unexpected[:3]}")
-    for hf, dst in plan:  # every header, dtype, shape and fp8 scale, before any data is read
+    for hf, dst in plan:
         reader.check(hf, shape=dst.shape, floating=True)
-
-    destination = dict(plan)
-    with torch.no_grad():
-        groups = reader.group_by_shard(expected)
-        for shard, names in tqdm(groups.items(), desc="loading shards", unit="shard", disable=not progress):
-            for hf in reader.read_ahead(names):  # the next tensors load while this one is converted
-                reader.get(hf, out=destination[hf])
-    inv_freq, _ = rope_frequencies(config)
-    model.inv_freq = inv_freq.to(device)
-    return model.eval()
+    return expected
 
 
 def check_sizes(reader: CheckpointReader, config: K2Config) -> None:
