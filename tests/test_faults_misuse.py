@@ -4,11 +4,9 @@ arguments that would silently do nothing. Each of these failed before (minutes o
 that never finished, no word at all)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 
@@ -96,8 +94,8 @@ def _sweep_env(tmp_path):
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT)
     return dict(child_env(), FAULTS_CORPUS=str(corpus), FAULTS_CACHE=str(tmp_path / "cache"))
-
-
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_sweep_whose_worker_is_killed_fails_clearly_and_keeps_the_finished_run(tmp_path):
     """Used to wait forever: the pool replaced the dead worker and its run never came back."""
     script = tmp_path / "sweep.py"
@@ -107,8 +105,7 @@ def test_a_sweep_whose_worker_is_killed_fails_clearly_and_keeps_the_finished_run
     assert "RuntimeError: run_sweep: a worker process died" in done.stdout and "['run1']" in done.stdout, done
     cached = [json.loads(p.read_text())["label"] for p in (tmp_path / "cache").glob("*.json")]
     assert cached == ["run0"]
-
-
+@pytest.mark.multiprocess
 def test_a_parallel_sweep_started_from_a_script_read_on_stdin_fails_clearly(tmp_path):
     """Used to start workers without end (each failed to import '<stdin>'); stopped after 6 minutes."""
     done = subprocess.run([sys.executable, "-"], input=SWEEP, env=_sweep_env(tmp_path), capture_output=True,

@@ -24,8 +24,8 @@ FILES = {"config.json", "model.safetensors.index.json", "model-00001-of-00001.sa
 def same_weights(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_saving_into_one_path_take_turns_and_a_reader_always_finds_a_whole_checkpoint(tmp_path):
     """Used to: each save deleted every temporary folder it found, the other process's included (50 of 80
     saves failed with FileNotFoundError / SafetensorError naming internal paths); between the two
@@ -48,8 +48,7 @@ def test_two_processes_saving_into_one_path_take_turns_and_a_reader_always_finds
     assert gaps == [] and looks > 10
     assert sorted(os.listdir(tmp_path)) == ["ckpt"] and set(os.listdir(path)) == FILES
     load_pretrained(path, progress=False)
-
-
+@pytest.mark.multiprocess
 def test_a_save_leaves_the_temporary_folder_of_a_save_still_running_alone(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -65,6 +64,7 @@ def test_a_save_leaves_the_temporary_folder_of_a_save_still_running_alone(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("swap", ["exchange", "two-renames"])
 def test_a_save_killed_in_the_middle_of_its_swap_loses_no_checkpoint(tmp_path, swap):
     """Used to: killed between the two renames, the path held no checkpoint ("not a checkpoint

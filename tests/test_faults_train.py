@@ -14,7 +14,7 @@ import k2mini
 import k2mini.atomic
 from faults_helpers import TEXT, TINY_CONFIG, TRAIN_CHILD, FullDiskOs, file_size_limit, start, wait_for
 from k2mini.locks import LockedError
-from k2mini.train_checkpoints import LOCK, save_checkpoint
+from k2mini.train_checkpoints import save_checkpoint
 from k2mini.training import TrainConfig, train
 
 SETTINGS = dict(batch_size=2, seq_len=16, eval_every=0, progress=False)
@@ -41,13 +41,10 @@ def adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
-def leftovers(d):
-    return sorted(p for p in os.listdir(d) if p.endswith(".tmp") or p == LOCK)
-
-
 # ---------------------------------------------------------------------------------------------- two runs
 
 
+@pytest.mark.multiprocess
 def test_a_second_process_training_into_a_busy_checkpoint_dir_is_refused_naming_the_first(data, corpus, tmp_path):
     """Used to: both runs "completed", one run's checkpoints lost, temporary files left behind."""
     ck, flag = tmp_path / "ck", tmp_path / "training"
@@ -80,6 +77,7 @@ def test_a_second_run_in_the_same_process_is_refused_too(data, tmp_path):
 # ---------------------------------------------------------------------------------------------- kills
 
 
+@pytest.mark.multiprocess
 def test_a_run_killed_in_the_middle_of_a_save_leaves_a_directory_the_next_run_takes_over(data, corpus, tmp_path):
     """A kill -9 during torch.save leaves its temporary file and the lock file; the next run takes the
     lock over (its holder is gone), resumes from the last whole checkpoint, and removes the debris."""
@@ -180,8 +178,8 @@ except LockedError as e:
     print(f"rank {dist.get_rank()} refused: {e}")
 dist.destroy_process_group()
 """
-
-
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_under_torchrun_every_rank_is_refused_a_busy_checkpoint_dir_and_none_waits(corpus, tmp_path):
     """Rank 0 holds the directory for the run; when it cannot, the other ranks must not wait for it in
     DistributedDataParallel's first collective."""
