@@ -62,14 +62,15 @@ def _describe() -> str:
 
 
 @contextmanager
-def hold(lock_path, what: str, blocking: bool = False):
+def hold(lock_path, what: str, blocking: bool = False, say_waiting: bool = True):
     """Hold an exclusive lock on `lock_path` for the block. `what` names the thing locked in the error
-    ("checkpoint_dir runs/a"). Raises LockedError (blocking=False) if another process holds it."""
+    ("checkpoint_dir runs/a"). Raises LockedError (blocking=False) if another process holds it; with
+    blocking=True waits for it, saying so in a RuntimeWarning unless say_waiting is False."""
     lock_path = Path(lock_path)
     if fcntl is None:  # pragma: no cover
         yield
         return
-    fd = _acquire(lock_path, what, blocking)
+    fd = _acquire(lock_path, what, blocking, say_waiting)
     try:
         yield
     finally:
@@ -89,7 +90,7 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _acquire(lock_path: Path, what: str, blocking: bool) -> int:
+def _acquire(lock_path: Path, what: str, blocking: bool, say_waiting: bool) -> int:
     with disk_errors(lock_path):
         lock_path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -102,7 +103,8 @@ def _acquire(lock_path: Path, what: str, blocking: bool) -> int:
                 busy = f"{what} is in use by {holder_of(lock_path)} (lock file {lock_path})"
                 if not blocking:
                     raise LockedError(f"{busy}; wait for it to finish, or use another directory") from None
-                warnings.warn(f"{busy}; waiting for it to finish", RuntimeWarning, stacklevel=5)
+                if say_waiting:
+                    warnings.warn(f"{busy}; waiting for it to finish", RuntimeWarning, stacklevel=5)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             if not _same_file(fd, lock_path):  # its holder removed it as we waited: lock the new one
                 os.close(fd)

@@ -202,3 +202,32 @@ def test_under_torchrun_every_rank_is_refused_a_busy_checkpoint_dir_and_none_wai
     assert lines[0].startswith(f"rank 0 refused: checkpoint_dir {str(ck)!r} is in use by pid {os.getpid()} "), lines
     assert lines[1].startswith(f"rank 1 refused: rank 0: checkpoint_dir {str(ck)!r} is in use by pid {os.getpid()} "), lines
     assert os.listdir(ck) == []
+
+
+def test_two_callers_of_pretrained_mini_at_once_train_it_once(tmp_path, monkeypatch):
+    """Notebooks run two at a time: on a cold cache both trained the same mini, then raced to replace
+    each other's folder. Now the second waits for the first and takes its checkpoint."""
+    import threading
+    import time
+
+    from k2mini.lab import pretrained
+
+    trained = []
+
+    def fake_training(name, root, path, progress):  # stands in for 3 minutes of training
+        trained.append(name)
+        time.sleep(0.5)
+        path.mkdir(parents=True)
+        (path / "training.json").write_text("{}")
+        return path
+
+    monkeypatch.setattr(pretrained, "_train_and_save", fake_training)
+    got = []
+    callers = [threading.Thread(target=lambda: got.append(pretrained.pretrained_mini("k2-micro", root=tmp_path)))
+               for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert trained == ["k2-micro"] and len(got) == 2 and got[0] == got[1]
+    assert sorted(os.listdir(tmp_path / "minis")) == [got[0].name]  # no lock file left
