@@ -346,7 +346,8 @@ def resume_from(path: str, model, optimizer, cfg: TrainConfig | None = None) -> 
 @contextmanager
 def _owning(checkpoint_dir):
     """Rank 0 holds checkpoint_dir for the run (train_checkpoints.own_checkpoint_dir); if another run
-    has it, every rank raises LockedError, so that none waits for the others in a collective."""
+    has it (or its lock file cannot be written), every rank raises, so that none waits for the others
+    in a collective."""
     if checkpoint_dir is None:
         yield
         return
@@ -356,13 +357,13 @@ def _owning(checkpoint_dir):
         if rank == 0:
             try:
                 stack.enter_context(own_checkpoint_dir(checkpoint_dir))
-            except LockedError as e:
+            except Exception as e:  # refused, or the lock file could not be written
                 refusal = e
         if world > 1:
-            said = [None if refusal is None else str(refusal)]
+            said = [None if refusal is None else (isinstance(refusal, LockedError), str(refusal))]
             dist.broadcast_object_list(said, src=0)
             if said[0] is not None and refusal is None:
-                refusal = LockedError(f"rank 0: {said[0]}")
+                refusal = (LockedError if said[0][0] else RuntimeError)(f"rank 0: {said[0][1]}")
         if refusal is not None:
             raise refusal
         yield

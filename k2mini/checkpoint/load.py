@@ -108,7 +108,7 @@ def check_sizes(reader: CheckpointReader, config: K2Config) -> None:
         if shape != (config.vocab_size, config.hidden_size):
             raise CheckpointError(
                 f"{where}: vocab_size {config.vocab_size} and hidden_size {config.hidden_size} disagree with the "
-                f"checkpoint's {embed} of shape {list(shape)} (vocab_size, hidden_size)"
+                f"checkpoint: {embed} has shape {list(shape)} (vocab_size, hidden_size)"
             )
     layers = {layer_of(k) for k in reader.keys()} - {None}
     named = max(layers) + 1 if layers else 0

@@ -611,14 +611,19 @@ def _in_workers(specs: list[RunSpec], todo: list[int], jobs: int):
     pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"))
     futures = {pool.submit(_run_in_worker, specs[i]): i for i in todo}
     try:
-        lost = []
+        lost, failed = [], None
         for future in as_completed(futures):
             try:
                 result = future.result()
             except BrokenProcessPool:
                 lost.append(specs[futures[future]].name)
                 continue
+            except Exception as e:  # a run that raised: the others still finish and are cached, then it is raised
+                failed = failed or e
+                continue
             yield futures[future], result  # cached by the caller before the next one
+        if failed is not None:
+            raise failed
         if lost:
             raise RuntimeError(
                 f"run_sweep: a worker process died (killed, or out of memory?) and took {len(lost)} unfinished "
