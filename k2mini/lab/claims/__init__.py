@@ -65,7 +65,7 @@ def claim(notebook: str, *, control: str):
 
     def register(fn):
         key = f"{fn.__module__}.{fn.__qualname__}"
-        doc = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
         _REGISTRY[key] = Claim(fn.__name__, notebook, control, doc, fn)
         return fn
 
