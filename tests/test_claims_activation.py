@@ -231,3 +231,13 @@ def test_claim_module_registers_every_claim_with_notebook_03():
     assert {"domains_use_different_experts", "experts_pair_beyond_chance", "load_even_beyond_untrained",
             "bias_learned", "int4_moves_experts_further", "format_keeps_routing_and_loss",
             "int4_reroutes_fewer_in_first_layer"} <= names
+
+
+def test_zero_experts_removes_only_the_routed_experts(micro):
+    from k2mini.lab.quantization_study import zero_experts
+
+    z = zero_experts(micro)
+    assert all(float(getattr(l.mlp.experts, p).abs().sum()) == 0 for l in z.moe_layers()
+               for p in ("gate_proj", "up_proj", "down_proj"))
+    assert torch.equal(z.moe_layers()[0].mlp.gate.weight, micro.moe_layers()[0].mlp.gate.weight)
+    assert float(micro.moe_layers()[0].mlp.experts.gate_proj.abs().sum()) > 0  # the original untouched

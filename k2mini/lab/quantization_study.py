@@ -11,7 +11,8 @@ The controls beside the formats, each a copy of a model with only its routed exp
 `round_experts(model, bits)` (symmetric round-to-nearest, one scale per group of columns: bits=4 is
 INT4's grid, bits=2 a much coarser one that must show what harm looks like), and
 `perturb_experts(model, errors)` (each expert moved by the same relative amount as a given format
-moved it, in a random direction).
+moved it, in a random direction), and `zero_experts(model)` (no routed experts at all: their whole
+contribution).
 """
 
 from __future__ import annotations
@@ -164,4 +165,15 @@ def perturb_experts(model, errors: pd.Series, seed: int = 0):
         factor = (target * w_norm / n_norm)[:, None, None]
         for m, n in zip(mats, noise):
             m.add_((n * factor).to(m.dtype))
+    return out
+
+
+@torch.no_grad()
+def zero_experts(model):
+    """A copy of `model` without its routed experts (every expert matrix zero): the whole contribution the
+    experts make, the largest change a storage format of the experts could do."""
+    out = copy.deepcopy(model)
+    for layer in out.moe_layers():
+        for p in PROJECTIONS:
+            getattr(layer.mlp.experts, p).zero_()
     return out
