@@ -40,6 +40,12 @@ def batch():
     return ids, ["prose"] * 8 + ["code"] * 8
 
 
+@pytest.fixture(scope="module")
+def halves_result(micro, batch):
+    ids, labels = batch
+    return ac.telemetry_result(micro, ids, ac.split_halves(labels, seed=0))
+
+
 def team_routing(n_tokens, teams, seed=0):
     """Each token picks one of the given teams of experts: pairs inside a team meet, others never."""
     g = torch.Generator().manual_seed(seed)
@@ -119,10 +125,8 @@ def test_claim_domains_fail_when_the_labels_are_shuffled_on_a_real_model(micro, 
     assert not domains_use_different_experts(d, None)
 
 
-def test_claim_domains_fail_when_trained_is_the_untrained_model(micro, batch):
-    ids, labels = batch
-    r = ac.telemetry_result(micro, ids, ac.split_halves(labels, seed=0))
-    d = ac.domain_divergences(r.counts_by_label)
+def test_claim_domains_fail_when_trained_is_the_untrained_model(halves_result):
+    d = ac.domain_divergences(halves_result.counts_by_label)
     assert not domains_use_different_experts(d, d)  # the two arms identical: no excess over the untrained
 
 
@@ -147,12 +151,9 @@ def _null(idx, n_experts, seed=0):
                     n_experts)
 
 
-def test_claim_pairs_fail_on_routing_permuted_across_tokens(micro, batch):
-    ids, _ = batch
-    with torch.no_grad():
-        real = micro(ids, telemetry=True).telemetry.routers[0].indices.reshape(-1, 2)
-    counts = torch.bincount(real.reshape(-1), minlength=16)
-    permuted = ac.independent_routing(counts, real.shape[0], 2, torch.Generator().manual_seed(7))
+def test_claim_pairs_fail_on_routing_redrawn_across_tokens(halves_result):
+    counts, n = halves_result.counts[0], halves_result.n_tokens  # a real untrained router's loads
+    permuted = ac.independent_routing(counts, n, 2, torch.Generator().manual_seed(7))
     assert not experts_pair_beyond_chance(_figures(permuted, 16), _null(permuted, 16))
 
 
@@ -173,9 +174,8 @@ def test_claim_pairs_hold_for_teams_beyond_an_untrained_router():
 TRAINED = {"unused": [0, 0, 1], "load_entropy": [0.97, 0.97, 0.96], "hottest_over_uniform": [2.9, 2.5, 2.6]}
 
 
-def test_claim_load_fails_on_an_untrained_router(micro, batch):
-    ids, _ = batch
-    lf = ac.telemetry_result(micro, ids).layer_frame()
+def test_claim_load_fails_on_an_untrained_router(halves_result):
+    lf = halves_result.layer_frame()
     untrained = {"unused": lf["unused_experts"], "load_entropy": lf["load_entropy"],
                  "hottest_over_uniform": lf["hottest_over_uniform"]}
     assert not load_even_beyond_untrained(untrained, untrained)

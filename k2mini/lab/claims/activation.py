@@ -131,7 +131,8 @@ def int4_moves_experts_further(int4_error, fp8_error, lo: float = 2.5, hi: float
                    f"ratio {r.min():.2f} to {r.max():.2f} over {r.size} experts (log-margin)")
 
 
-@claim("03", control="the experts rounded to a 2-bit grid (as coarse as a harmful format)")
+@claim("03", control="the routed experts rounded to a 2-bit grid, or removed (the routing bound fails on both, "
+                     "the loss bound at the mini's scale only on removal)")
 def format_keeps_routing_and_loss(changed, loss_change, max_changed: float = 0.10,
                                   max_loss: float = 0.01, name: str = "the format") -> Verdict:
     """A storage format is harmless to routing and loss: in every MoE layer fewer than `max_changed` of the
