@@ -6,10 +6,18 @@ unquantized weights, on the same tokens.
 
 `study.expert_error` (per layer and expert), `study.routing` (per layer), `study.max_logits` (per layer)
 and `study.summary` (per format) are DataFrames; every comparison is against the first model given.
+
+The controls beside the formats, each a copy of a model with only its routed experts changed:
+`round_experts(model, bits)` (symmetric round-to-nearest, one scale per group of columns: bits=4 is
+INT4's grid, bits=2 a much coarser one that must show what harm looks like), and
+`perturb_experts(model, errors)` (each expert moved by the same relative amount as a given format
+moved it, in a random direction), and `zero_experts(model)` (no routed experts at all: their whole
+contribution).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -111,3 +119,61 @@ def quantization_study(models: dict, token_ids: torch.Tensor) -> QuantizationStu
     summary = summary.loc[names]
     summary.index.name = "format"
     return QuantizationStudy(pd.DataFrame(errors), pd.DataFrame(routing), max_logits, summary)
+
+
+def _int_round(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """w (..., out, in) rounded to a symmetric integer grid q * s, q in [-2^(bits-1), 2^(bits-1) - 1], one
+    scale per `group_size` columns (absmax / (2^(bits-1) - 1), as compressed-tensors' minmax observer)."""
+    from einops import rearrange
+
+    if bits < 2:
+        raise ValueError(f"bits must be >= 2 (a sign and a magnitude), got {bits}")
+    if w.shape[-1] % group_size:
+        raise ValueError(f"the input width {w.shape[-1]} is not a multiple of group_size {group_size}")
+    qmax = 2 ** (bits - 1) - 1
+    g = rearrange(w, "... (n g) -> ... n g", g=group_size)
+    scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+    q = (g / scale).round().clamp(-qmax - 1, qmax)
+    return rearrange(q * scale, "... n g -> ... (n g)")
+
+
+@torch.no_grad()
+def round_experts(model, bits: int, group_size: int = 32):
+    """A copy of `model` whose routed experts are rounded to `bits`-bit integers per `group_size` columns
+    (bits=4, group_size=32: the grid of K2-Thinking's INT4 experts); everything else unchanged."""
+    out = copy.deepcopy(model)
+    for layer in out.moe_layers():
+        for p in PROJECTIONS:
+            w = getattr(layer.mlp.experts, p)
+            w.copy_(_int_round(w.detach(), bits, group_size))
+    return out
+
+
+@torch.no_grad()
+def perturb_experts(model, errors: pd.Series, seed: int = 0):
+    """A copy of `model` whose routed expert (layer, e) is moved by errors[(layer, e)] * ||W|| (its three
+    matrices together, as `expert_errors` measures) in a random Gaussian direction: the same size of change
+    as a format's rounding, without its structure."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in out.moe_layers():
+        mats = [getattr(layer.mlp.experts, p) for p in PROJECTIONS]  # each (E, out, in)
+        noise = [torch.randn(m.shape, generator=gen, dtype=torch.float64) for m in mats]
+        w_norm = sum(m.double().pow(2).sum((1, 2)) for m in mats).sqrt()  # (E,)
+        n_norm = sum(n.pow(2).sum((1, 2)) for n in noise).sqrt()
+        target = torch.tensor([errors[(layer.index, e)] for e in range(mats[0].shape[0])], dtype=torch.float64)
+        factor = (target * w_norm / n_norm)[:, None, None]
+        for m, n in zip(mats, noise):
+            m.add_((n * factor).to(m.dtype))
+    return out
+
+
+@torch.no_grad()
+def zero_experts(model):
+    """A copy of `model` without its routed experts (every expert matrix zero): the whole contribution the
+    experts make, the largest change a storage format of the experts could do."""
+    out = copy.deepcopy(model)
+    for layer in out.moe_layers():
+        for p in PROJECTIONS:
+            getattr(layer.mlp.experts, p).zero_()
+    return out
