@@ -139,3 +139,23 @@ def test_claim_routing_rebuilt_from_hidden_states(micro):
         assert not routing_rebuilt_from_hidden_states(rebuild_choice(hidden[0], other), recorded)
     finally:
         gate.e_score_correction_bias.zero_()
+
+
+def test_claim_balancing_verdicts_on_one_study():
+    """All of notebook 02's claims on one (hand-made) study; swapping the two arms fails the key claim."""
+    from k2mini.lab.claims.routing import balancing_verdicts
+
+    speeds = {1e-3: (4.66, 6.41), 3e-3: (2.52, 0.54), 1e-2: (1.36, 0.54), 3e-2: (1.77, 1.05), 1e-1: (3.51, 3.20)}
+    sweep = pd.DataFrame([{"balancing": "none", "bias_update_speed": 0.0, "maxvio_all": 5.46, "maxvio_max_layer": 6.68}]
+                         + [{"balancing": "loss_free", "bias_update_speed": u, "maxvio_all": a, "maxvio_max_layer": w}
+                            for u, (a, w) in speeds.items()])  # fmt: skip
+    end = {"none": [5.46, 5.71, 5.11], "aux_loss": [0.90, 0.83, 1.11], "loss_free": [0.47, 0.64, 0.64],
+           "loss_free+seq_aux": [0.55, 0.62, 0.56]}
+    t = table(MAXVIO).merge(table(end, "maxvio")).merge(table(VAL, "val_loss"), how="left")
+    t["dead"] = [0.19 if m == "none" else 0.0 for m in t["balancing"]]
+    untrained = pd.DataFrame({"maxvio": [1.9, 2.1, 2.0], "dead": [0.0, 0.0, 0.0]})
+    effect = pd.DataFrame({"changed": [0.75, 0.93], "maxvio_raw": [2.8, 5.9], "maxvio_routed": [0.38, 0.43]})
+    verdicts = balancing_verdicts(sweep, t, untrained, effect, 1e-2)
+    assert all(verdicts.values()), {k: v.explain() for k, v in verdicts.items()}
+    swapped = t.assign(balancing=t["balancing"].replace({"loss_free": "aux_loss", "aux_loss": "loss_free"}))
+    assert not balancing_verdicts(sweep, swapped, untrained, effect, 1e-2)["loss_free"]

@@ -40,6 +40,8 @@ __all__ = [
     "bias_effect",
     "routing_stats",
     "untrained_window_stats",
+    "balancing_base",
+    "balancing_spec",
 ]
 
 
@@ -313,3 +315,23 @@ def bias_effect(model, batches) -> pd.DataFrame:
     return pd.DataFrame({"changed": (changed / n).numpy(), "maxvio_raw": max_violation(raw_load).numpy(),
                          "maxvio_routed": max_violation(load).numpy()},
                         index=pd.Index([layer.index for layer in model.moe_layers()], name="MoE layer"))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 02's runs (shared by the notebook and by the record of the same runs under other kernels)
+
+
+def balancing_base(steps: int = 200) -> RunSpec:
+    """Notebook 02's training run: `k2-micro` cut to 3 layers (2 MoE), AdamW at 3e-3 with a cosine
+    schedule after 20 warm-up steps, 16 x 64 tokens per step, 16 validation batches every 50 steps."""
+    return RunSpec(optimizer="adamw", lr=3e-3, steps=steps, preset="k2-micro", config={"num_hidden_layers": 3},
+                   batch_size=16, seq_len=64, eval_every=50, eval_batches=16,
+                   train={"schedule": "cosine", "warmup_steps": 20})  # fmt: skip
+
+
+def balancing_spec(base: RunSpec, method: str, seed: int, u: float | None = None, *, default_u: float = 1e-2) -> RunSpec:
+    """`base` with a balancing method and a seed; the bias speed is `u`, else `default_u` for the
+    loss-free methods and 0 for the others. Labelled by the method."""
+    if u is None:
+        u = default_u if method.startswith("loss_free") else 0.0
+    return base.replace(seed=seed, train={"balancing": method, "bias_update_speed": u}, label=method)

@@ -24,6 +24,7 @@ __all__ = [
     "no_loss_penalty_visible",
     "bias_does_the_balancing",
     "routing_rebuilt_from_hidden_states",
+    "balancing_verdicts",
 ]
 
 
@@ -163,3 +164,27 @@ def routing_rebuilt_from_hidden_states(rebuilt: torch.Tensor, recorded: torch.Te
     margin = share - min_agreement
     return Verdict(f"the routing rebuilt from the hidden states picks the model's experts for >= {min_agreement:.0%} of "
                    f"tokens", margin >= 0, margin, f"{int(same.sum())} of {len(same)} tokens agree ({share:.1%})")
+
+
+def balancing_verdicts(sweep: pd.DataFrame, table: pd.DataFrame, untrained: pd.DataFrame, effect: pd.DataFrame,
+                       u: float) -> dict[str, Verdict]:  # fmt: skip
+    """Every claim of notebook 02 on one set of results (the notebook's own runs, or a record of the same
+    runs under other float kernels). sweep, table: `summarize_runs` of the speed sweep and of the
+    methods; untrained: per seed (index) the untrained router's `maxvio` and `dead` on the batches of the
+    runs' last steps; effect: per loss-free model and layer `changed`, `maxvio_raw`, `maxvio_routed`."""
+    lf = sweep[sweep["balancing"] == "loss_free"].set_index("bias_update_speed")
+    none_worst = float(sweep.loc[sweep["balancing"] == "none", "maxvio_max_layer"].iloc[0])
+    slowest = min(lf.index)
+    balanced = [m for m in dict.fromkeys(table["balancing"]) if m != "none"]
+    none_runs = table[table["balancing"] == "none"].set_index("seed")[["maxvio", "dead"]]
+    return {
+        "speed": speed_sweep_optimum(lf["maxvio_all"].to_dict(), u),
+        "slow": slow_bias_like_no_balancing(float(lf.loc[slowest, "maxvio_max_layer"]), none_worst,
+                                            float(lf.loc[u, "maxvio_max_layer"])),
+        "loss_free": more_balanced_every_seed(table, "loss_free", "aux_loss", "maxvio_all"),
+        "loss_free+seq_aux": more_balanced_every_seed(table, "loss_free+seq_aux", "aux_loss", "maxvio_all"),
+        "none": more_balanced_every_seed(table, balanced, "none", "maxvio"),
+        "collapse": collapse_beyond_untrained(none_runs, untrained),
+        "val_loss": no_loss_penalty_visible(table),
+        "bias": bias_does_the_balancing(effect),
+    }
