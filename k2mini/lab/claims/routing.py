@@ -37,10 +37,10 @@ def _per_seed(table: pd.DataFrame, by: str, metric: str, seed: str) -> pd.DataFr
 @claim("02", control="the two arms swapped or made identical; no balancing in place of the arm")
 def more_balanced_every_seed(table: pd.DataFrame, arm: str | Sequence[str], baseline: str, metric: str = "maxvio_all",
                              *, by: str = "balancing", seed: str = "seed") -> Verdict:  # fmt: skip
-    """`arm` (or each of several arms) has a lower MaxVio than `baseline` in every seed, each seed's gap
-    larger than the seed noise (the standard deviation of the baseline's figure over the seeds).
+    """`arm` has a lower MaxVio than `baseline` in every seed, by more than the baseline's seed noise.
 
-    table: one row per run with columns `by`, `seed` and `metric` (e.g. `summarize_runs`). The margin is
+    `arm` may be several arms (each must hold). The seed noise is the standard deviation of the
+    baseline's figure over the seeds. table: one row per run with columns `by`, `seed` and `metric` (e.g. `summarize_runs`). The margin is
     the smallest per-seed gap minus that noise, in MaxVio units."""
     arms = [arm] if isinstance(arm, str) else list(arm)
     wide = _per_seed(table, by, metric, seed)
@@ -61,8 +61,9 @@ def more_balanced_every_seed(table: pd.DataFrame, arm: str | Sequence[str], base
 
 @claim("02", control="the speeds made identical (a flat sweep), or no balancing at every speed")
 def speed_sweep_optimum(maxvio_by_speed: Mapping[float, float], best: float, *, factor: float = 2.0) -> Verdict:
-    """Among the bias speeds, `best` has the lowest whole-run MaxVio, and the slowest and the fastest speed
-    are each at least `factor` times as imbalanced. The margin is the smaller of the two ratios minus
+    """`best` has the lowest whole-run MaxVio of the bias speeds; the slowest and fastest are >= `factor` x it.
+
+    The margin is the smaller of the two ratios minus
     `factor`."""
     speeds = sorted(maxvio_by_speed)
     if best not in maxvio_by_speed or len(speeds) < 3:
@@ -80,6 +81,7 @@ def speed_sweep_optimum(maxvio_by_speed: Mapping[float, float], best: float, *, 
 @claim("02", control="the arms swapped: u = 1e-2's figure in place of the slow speed's")
 def slow_bias_like_no_balancing(slow: float, none: float, best: float) -> Verdict:
     """A too-slow bias ends with its worse MoE layer closer to no balancing than to the best speed.
+
     Arguments: the worse layer's MaxVio over the last steps, for the slow speed, no balancing and the
     best speed. The margin is |slow - best| - |slow - none|."""
     margin = abs(slow - best) - abs(slow - none)
@@ -89,11 +91,10 @@ def slow_bias_like_no_balancing(slow: float, none: float, best: float) -> Verdic
 
 @claim("02", control="the untrained router (each run's initialization) in place of the trained one, or a balanced run")
 def collapse_beyond_untrained(trained: pd.DataFrame, untrained: pd.DataFrame) -> Verdict:
-    """Without balancing, training concentrates the routing beyond what the untrained router does on the
-    same tokens: in every seed its MaxVio is higher by more than the seed noise (the untrained
-    router's standard deviation over seeds, at least 0.1), and it leaves experts without a token where the
-    untrained router leaves none fewer.
+    """Without balancing, training concentrates routing beyond the untrained router's on the same tokens.
 
+    In every seed the trained router's MaxVio is higher by more than the seed noise (the untrained
+    router's standard deviation over seeds, at least 0.1), and it leaves more experts without a token.
     trained, untrained: one row per seed (index) with columns `maxvio` and `dead` (share of
     (layer, expert) pairs with no token), measured on the same batches. Margin in MaxVio units."""
     for name, t in (("trained", trained), ("untrained", untrained)):
@@ -117,9 +118,10 @@ def collapse_beyond_untrained(trained: pd.DataFrame, untrained: pd.DataFrame) ->
 @claim("02", control="a method whose validation loss is worse by the baseline's own seed spread")
 def no_loss_penalty_visible(table: pd.DataFrame, baseline: str = "aux_loss", metric: str = "val_loss", *,
                             by: str = "balancing", seed: str = "seed") -> Verdict:  # fmt: skip
-    """Every method's final validation loss is, seed by seed, closer to the baseline's than the baseline's
-    seeds are to each other (max - min): any loss difference between the methods is below the seed
-    noise. The margin is that spread minus the largest per-seed gap, in nats."""
+    """Seed by seed, every method's validation loss is closer to the baseline's than its seeds are to each other.
+
+    That is, any loss difference between the methods is below the seed noise (the baseline's max - min
+    over seeds). The margin is that spread minus the largest per-seed gap, in nats."""
     wide = _per_seed(table, by, metric, seed)
     if baseline not in wide or wide[baseline].notna().sum() < 2:
         raise ValueError(f"need >= 2 seeds of {baseline!r}")
@@ -133,11 +135,11 @@ def no_loss_penalty_visible(table: pd.DataFrame, baseline: str = "aux_loss", met
 
 @claim("02", control="an untrained model (bias zero: no token redirected, raw routing = routed), or a run without the bias")
 def bias_does_the_balancing(effect: pd.DataFrame, *, min_share: float = 0.5, min_ratio: float = 1.5) -> Verdict:
-    """In every loss-free model and MoE layer the bias changes the experts of more than `min_share` of the
-    tokens, and routing by the raw scores alone would be at least `min_ratio` x as imbalanced (MaxVio)
-    as the routing the bias produces.
+    """The bias redirects most tokens, and routing by raw scores alone would be far more imbalanced.
 
-    effect: one row per (model, layer) with columns `changed` (share of tokens), `maxvio_raw` and
+    In every loss-free model and MoE layer the bias changes the experts of more than `min_share` of the
+    tokens, and routing by the raw scores alone would be at least `min_ratio` x as imbalanced (MaxVio)
+    as the routing the bias produces. effect: one row per (model, layer) with columns `changed` (share of tokens), `maxvio_raw` and
     `maxvio_routed`. The margin is the smaller of (share - min_share) and (ratio / min_ratio - 1)."""
     need = {"changed", "maxvio_raw", "maxvio_routed"}
     if not need <= set(effect.columns) or effect.empty:
@@ -153,9 +155,9 @@ def bias_does_the_balancing(effect: pd.DataFrame, *, min_share: float = 0.5, min
 @claim("02", control="the same rebuild on hidden states permuted across tokens")
 def routing_rebuilt_from_hidden_states(rebuilt: torch.Tensor, recorded: torch.Tensor, *, min_agreement: float = 0.99
                                        ) -> Verdict:  # fmt: skip
-    """The experts rebuilt from each token's hidden state, the router's weights and its bias are the ones
-    the model chose, for at least `min_agreement` of the tokens (a near-tie may flip under other float
-    kernels). rebuilt, recorded: (N, k) expert indices. The margin is the agreeing share minus
+    """The experts rebuilt from each token's hidden state and the router's weights are the model's choice.
+
+    For at least `min_agreement` of the tokens (a near-tie may flip under other float kernels). rebuilt, recorded: (N, k) expert indices. The margin is the agreeing share minus
     `min_agreement`."""
     if rebuilt.shape != recorded.shape or rebuilt.dim() != 2:
         raise ValueError(f"rebuilt {tuple(rebuilt.shape)} and recorded {tuple(recorded.shape)} must both be (N, k)")

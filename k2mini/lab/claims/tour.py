@@ -18,9 +18,9 @@ __all__ = ["text_leaves_experts_unused", "absorbed_decode_faster"]
 
 @claim("00", control="uniformly random bytes in place of the text (both arms the same kind of input)")
 def text_leaves_experts_unused(unused_text: Sequence[int], unused_random: Sequence[int]) -> Verdict:
-    """An untrained router on English text leaves more experts without a token than on as many uniformly
-    random bytes, in every MoE layer: its uneven loads come from the text's few, repeated bytes, not
-    from learning. Arguments: experts with no token-slot per MoE layer, for the text and for the random
+    """An untrained router leaves more experts unused on text than on random bytes, in every MoE layer.
+
+    Its uneven loads come from the text's few, repeated bytes, not from learning. Arguments: experts with no token-slot per MoE layer, for the text and for the random
     bytes (same model, same number of tokens). The margin is the smallest per-layer difference (experts)."""
     a, b = np.asarray(unused_text), np.asarray(unused_random)
     if a.shape != b.shape or a.ndim != 1 or not len(a):
@@ -33,9 +33,10 @@ def text_leaves_experts_unused(unused_text: Sequence[int], unused_random: Sequen
 @claim("01", control="the naive form timed against itself (the two arms identical), or the arms swapped")
 def absorbed_decode_faster(contexts: Sequence[int], naive_s: Sequence[float], absorbed_s: Sequence[float], *,
                            min_speedup: float = 2.0) -> Verdict:  # fmt: skip
-    """At the longest context one absorbed decode step is at least `min_speedup` x as fast as a naive one,
-    and the naive / absorbed time ratio is larger there than at the shortest context (the naive step's
-    cost grows with the cached positions faster). Times in seconds, one per context. The margin is the
+    """Absorbed decoding is >= `min_speedup` x as fast as naive at the longest context, and its lead grows.
+
+    The naive / absorbed time ratio is larger at the longest context than at the shortest (the naive
+    step's cost grows with the cached positions faster). Times in seconds, one per context. The margin is the
     speed-up at the longest context minus `min_speedup`."""
     c, n, a = np.asarray(contexts), np.asarray(naive_s, dtype=float), np.asarray(absorbed_s, dtype=float)
     if not (len(c) == len(n) == len(a) >= 2) or (n <= 0).any() or (a <= 0).any():
