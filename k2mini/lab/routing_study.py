@@ -265,7 +265,7 @@ def routing_stats(model, batches) -> pd.DataFrame:
             total = total + loads
     if not per_batch:
         raise ValueError("routing_stats: no batches")
-    vio = torch.stack(per_batch).mean(0).numpy()
+    vio = torch.stack(per_batch).mean(0).double().numpy()
     load = np.asarray(total)
     layers = [layer.index for layer in model.moe_layers()]
     return pd.DataFrame({"maxvio": vio, "dead": [dead_expert_fraction(row[None]) for row in load],
@@ -312,8 +312,8 @@ def bias_effect(model, batches) -> pd.DataFrame:
             n += x.numel()
     if not n:
         raise ValueError("bias_effect: no batches")
-    return pd.DataFrame({"changed": (changed / n).numpy(), "maxvio_raw": max_violation(raw_load).numpy(),
-                         "maxvio_routed": max_violation(load).numpy()},
+    return pd.DataFrame({"changed": (changed / n).double().numpy(), "maxvio_raw": max_violation(raw_load).double().numpy(),
+                         "maxvio_routed": max_violation(load).double().numpy()},
                         index=pd.Index([layer.index for layer in model.moe_layers()], name="MoE layer"))  # fmt: skip
 
 
