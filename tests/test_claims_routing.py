@@ -159,3 +159,30 @@ def test_claim_balancing_verdicts_on_one_study():
     assert all(verdicts.values()), {k: v.explain() for k, v in verdicts.items()}
     swapped = t.assign(balancing=t["balancing"].replace({"loss_free": "aux_loss", "aux_loss": "loss_free"}))
     assert not balancing_verdicts(sweep, swapped, untrained, effect, 1e-2)["loss_free"]
+
+
+def test_untrained_window_is_the_runs_first_routing(tmp_path):
+    """The control's statistic is the run's own: on a run's first step the model is still the untrained
+    one, so the untrained router on that step's batch has the MaxVio the run logged at step 0."""
+    import k2mini
+    from k2mini.lab.experiments import run_sweep
+    from k2mini.lab.routing_study import untrained_window_stats
+
+    path = tmp_path / "text.txt"
+    path.write_text("To be, or not to be, that is the question:\n" * 200)
+    data = k2mini.make_dataset(k2mini.load_corpus(str(path)), val_fraction=0.1, block_size=256)
+    spec = RunSpec(preset="k2-micro", lr=3e-3, steps=2, batch_size=4, seq_len=16, eval_every=2, eval_batches=1, seed=5)
+    run = run_sweep([spec], cache=False, data=data, progress=False)[0]
+    first = untrained_window_stats(spec.replace(steps=1), data, last=1)
+    assert first["maxvio"] == pytest.approx(run.history["maxvio"].iloc[0], abs=1e-6)
+    assert first["dead"] == pytest.approx((run.loads[0] == 0).mean())
+
+
+def test_study_specs_share_runs_between_sweep_and_methods():
+    from k2mini.lab.balancing_record import SPEEDS, study_specs
+
+    sweep, methods = study_specs(200, [0, 1, 2], 1e-2)
+    assert len(sweep) == 1 + len(SPEEDS) and len(methods) == 12
+    keys = {s.key() for s in methods}
+    assert sweep[0].key() in keys and sweep[1 + SPEEDS.index(1e-2)].key() in keys  # trained once, used twice
+    assert len({s.key() for s in sweep + methods}) == 16
