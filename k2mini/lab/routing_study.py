@@ -19,8 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from einops import einsum
+
+from ..balance import max_violation
 from ..config import K2Config
-from ..moe import choose_experts, mixing_weights
+from ..moe import choose_experts, expert_load, mixing_weights
 from .experiments import RunResult, RunSpec
 
 __all__ = [
@@ -32,6 +35,13 @@ __all__ = [
     "sparsity_configs",
     "sparsity_specs",
     "param_table",
+    "router_inputs",
+    "rebuild_choice",
+    "bias_effect",
+    "routing_stats",
+    "untrained_window_stats",
+    "balancing_base",
+    "balancing_spec",
 ]
 
 
@@ -209,3 +219,119 @@ def param_table(configs: dict[int, K2Config]) -> pd.DataFrame:
             "active without router": active - b["active"]["router"],
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Controls: the routing rebuilt from the hidden states, the bias's share of it, an untrained router
+
+
+def router_inputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], list]:
+    """Every MoE layer's router input for `ids` (B, T): the hidden states after the layer's
+    post-attention norm, (B*T, hidden) each, and the model's telemetry records of the same forward pass."""
+    inputs, hooks = [], []
+    for layer in model.moe_layers():
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda _m, _i, out: inputs.append(out.detach().reshape(-1, out.shape[-1]))))  # fmt: skip
+    try:
+        with torch.no_grad():
+            records = model(ids, telemetry=True).telemetry.routers
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, records
+
+
+def rebuild_choice(hidden: torch.Tensor, gate) -> torch.Tensor:
+    """The experts K2's router picks for hidden states (N, hidden), recomputed here from the router's
+    weight and correction bias in one formula, apart from the model's own functions (n_group = 1):
+    top-k of sigmoid(x W^T) + b. Returns (N, k)."""
+    if gate.n_group != 1:
+        raise ValueError("rebuild_choice covers n_group = 1 (K2)")
+    with torch.no_grad():
+        s = torch.sigmoid(einsum(hidden.to(torch.float32), gate.weight.to(torch.float32), "n h, e h -> n e"))  # (N, E)
+        return (s + gate.e_score_correction_bias).topk(gate.top_k, dim=-1).indices
+
+
+def routing_stats(model, batches) -> pd.DataFrame:
+    """How `model` routes `batches` (an iterable of (x, y) or of x): one row per MoE layer with `maxvio`
+    (MaxVio per batch, averaged over the batches, as train() logs it per step) and `dead` / `starved`
+    (share of experts with no token / under a tenth of the uniform load, over all the batches)."""
+    per_batch, total = [], 0
+    with torch.no_grad():
+        for b in batches:
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            loads = model(x, telemetry=True).telemetry.loads  # (layers, E)
+            per_batch.append(max_violation(loads))
+            total = total + loads
+    if not per_batch:
+        raise ValueError("routing_stats: no batches")
+    vio = torch.stack(per_batch).mean(0).double().numpy()
+    load = np.asarray(total)
+    layers = [layer.index for layer in model.moe_layers()]
+    return pd.DataFrame({"maxvio": vio, "dead": [dead_expert_fraction(row[None]) for row in load],
+                         "starved": [dead_expert_fraction(row[None], 0.1) for row in load]},
+                        index=pd.Index(layers, name="MoE layer"))  # fmt: skip
+
+
+def untrained_window_stats(spec: RunSpec, data, last: int) -> dict[str, float]:
+    """The control for a run's end-of-run routing: the run's initial model (its seed's weights, bias 0)
+    routing the batches of the run's last `last` steps. Returns maxvio (mean over steps and layers, as
+    `summarize_runs`' maxvio), dead and starved (share of (layer, expert) pairs, as `summarize_runs`)."""
+    from .experiments import build_model
+
+    model = build_model(spec).eval()
+    steps = range(max(0, spec.steps - last), spec.steps)
+    batches = (data.batch_for_step("train", s, spec.batch_size, spec.seq_len, seed=spec.batch_seed) for s in steps)
+    per_step, total = [], 0
+    with torch.no_grad():
+        for x, _ in batches:
+            loads = model(x, telemetry=True).telemetry.loads
+            per_step.append(max_violation(loads).mean())
+            total = total + loads
+    load = np.asarray(total)
+    return {"maxvio": float(torch.stack(per_step).mean()), "dead": dead_expert_fraction(load),
+            "starved": dead_expert_fraction(load, 0.1)}
+
+
+def bias_effect(model, batches) -> pd.DataFrame:
+    """What the correction bias does to `model`'s routing of `batches`: one row per MoE layer with
+    `changed` (share of tokens whose chosen experts differ from the top-k of the raw scores), and the
+    MaxVio of the loads the raw scores alone would give (`maxvio_raw`) and of the loads routed
+    (`maxvio_routed`), over all the batches."""
+    changed, raw_load, load, n = 0, 0, 0, 0
+    with torch.no_grad():
+        for b in batches:
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            recs = model(x, telemetry=True).telemetry.routers
+            k, E = recs[0].indices.shape[-1], recs[0].scores.shape[-1]
+            raw = torch.stack([r.scores.topk(k, dim=-1).indices for r in recs])  # (layers, B, T, k)
+            chosen = torch.stack([r.indices for r in recs])
+            changed = changed + (raw.sort(-1).values != chosen.sort(-1).values).any(-1).flatten(1).sum(1)
+            raw_load = raw_load + torch.stack([expert_load(r, E) for r in raw])
+            load = load + torch.stack([expert_load(c, E) for c in chosen])
+            n += x.numel()
+    if not n:
+        raise ValueError("bias_effect: no batches")
+    return pd.DataFrame({"changed": (changed / n).double().numpy(), "maxvio_raw": max_violation(raw_load).double().numpy(),
+                         "maxvio_routed": max_violation(load).double().numpy()},
+                        index=pd.Index([layer.index for layer in model.moe_layers()], name="MoE layer"))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 02's runs (shared by the notebook and by the record of the same runs under other kernels)
+
+
+def balancing_base(steps: int = 200) -> RunSpec:
+    """Notebook 02's training run: `k2-micro` cut to 3 layers (2 MoE), AdamW at 3e-3 with a cosine
+    schedule after 20 warm-up steps, 16 x 64 tokens per step, 16 validation batches every 50 steps."""
+    return RunSpec(optimizer="adamw", lr=3e-3, steps=steps, preset="k2-micro", config={"num_hidden_layers": 3},
+                   batch_size=16, seq_len=64, eval_every=50, eval_batches=16,
+                   train={"schedule": "cosine", "warmup_steps": 20})  # fmt: skip
+
+
+def balancing_spec(base: RunSpec, method: str, seed: int, u: float | None = None, *, default_u: float = 1e-2) -> RunSpec:
+    """`base` with a balancing method and a seed; the bias speed is `u`, else `default_u` for the
+    loss-free methods and 0 for the others. Labelled by the method."""
+    if u is None:
+        u = default_u if method.startswith("loss_free") else 0.0
+    return base.replace(seed=seed, train={"balancing": method, "bias_update_speed": u}, label=method)
