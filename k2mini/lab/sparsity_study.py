@@ -101,7 +101,7 @@ def _first_crossing(steps: np.ndarray, loss: np.ndarray, target: float) -> float
 
 
 def compute_to_match(curves: pd.DataFrame, baseline=8, target: float | None = None) -> pd.DataFrame:
-    """The form of K2's sparsity law (K2 report, arXiv 2507.20534, section 2.1): the training compute
+    """The form of K2's sparsity law (docs/K2_FACTS.md section 5): the training compute
     each configuration needs to reach one validation loss, relative to `baseline`.
 
     Every arm does the same active work per token, so compute is proportional to steps. `target`

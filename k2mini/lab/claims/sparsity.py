@@ -35,22 +35,23 @@ def _t_bound(d: np.ndarray, alpha: float) -> float:
 
 @claim("05", control="all arms the same E: the fewer-experts model again from another initialization, "
                      "or the arms swapped")
-def more_experts_ahead(gaps, control_gaps, *, alpha: float = 0.05) -> Verdict:
+def more_experts_ahead(gaps, control_gaps=None, *, alpha: float = 0.05) -> Verdict:
     """More experts end ahead of fewer in every seed, and their mean lead exceeds both the paired test's
     bound (one-sided t at `alpha`) and the largest gap the same-E control shows in any seed.
 
     gaps: per-seed final gaps (more - fewer, negative = more experts ahead); control_gaps: the same for
-    the same-E control (fewer again, another initialization, minus fewer). The margin, in nats, is the
-    mean lead minus the larger of the two noise bounds."""
-    d, c = _values(gaps, "gaps"), _values(control_gaps, "control_gaps")
+    the same-E control (fewer again, another initialization, minus fewer), or None where no control was
+    run (the paired test alone). The margin, in nats, is the mean lead minus the larger noise bound."""
+    d = _values(gaps, "gaps")
+    c = np.zeros(0) if control_gaps is None else _values(control_gaps, "control_gaps")
     lead = -float(d.mean())
-    bound = max(_t_bound(d, alpha), float(np.abs(c).max()))
+    bound = max([_t_bound(d, alpha)] + ([float(np.abs(c).max())] if len(c) else []))
     margin = lead - bound
     every = bool((d < 0).all())
-    return Verdict("more experts end below fewer in every seed, by more than the paired test's bound and the same-E "
-                   "control's largest gap", every and margin > 0, margin,
+    said = "the paired test's bound and the same-E control's largest gap" if len(c) else "the paired test's bound"
+    return Verdict(f"more experts end below fewer in every seed, by more than {said}", every and margin > 0, margin,
                    f"per-seed gaps {', '.join(f'{g:+.3f}' for g in d)} (mean {-lead:+.3f}); t bound {_t_bound(d, alpha):.3f}; "
-                   f"same-E control gaps {', '.join(f'{g:+.3f}' for g in c)}")  # fmt: skip
+                   + (f"same-E control gaps {', '.join(f'{g:+.3f}' for g in c)}" if len(c) else "no same-E control"))  # fmt: skip
 
 
 @claim("05", control="all arms the same E (the same-E control's gap curves in place of the arm's), or the "
