@@ -94,3 +94,19 @@ def test_claim_less_compute_for_the_same_loss_holds_ahead_and_fails_identical_or
     swapped = compute_to_match(pd.DataFrame([{**r, "arm": {8: 64, 64: 8}[r["arm"]]} for r in rows]), baseline=8)
     v = less_compute_for_the_same_loss(swapped, 64)
     assert not v and v.margin == -1  # never reaches the other's final loss
+
+
+def test_claim_more_experts_ahead_on_the_committed_record_holds_for_e64_and_fails_swapped_or_identical():
+    """The full-scale record (no same-E control there: the paired test's bound alone)."""
+    from pathlib import Path
+
+    from k2mini.lab.records import read_record
+
+    _, runs, _ = read_record(Path(__file__).resolve().parents[1] / "data" / "runs" / "05_sparsity_full.json")
+    curves = val_curves(runs)
+    final = curves.step.max()
+    assert more_experts_ahead(paired_gaps(curves, 64, 8)[final])
+    assert not more_experts_ahead(paired_gaps(curves, 8, 64)[final])  # arms swapped
+    assert not more_experts_ahead(paired_gaps(curves, 8, 8)[final])  # all arms the same E: zero gaps
+    law = compute_to_match(curves, baseline=8)
+    assert less_compute_for_the_same_loss(law, 64) and not less_compute_for_the_same_loss(law, 8)
