@@ -6,13 +6,16 @@ run cache), `records` (committed records of full-scale runs), `stability` and `r
 arithmetic), `palette`, `plots` and `plots_stability` (figures; need the [lab] extra), `seriation`
 (clustered heatmap orderings, scipy), `pretrained` (`pretrained_mini`: small K2s trained once and
 cached; also as K2-Thinking's INT4 and unquantized), `quantization_study` (what fp8 and INT4 storage do
-to a trained model).
+to a trained model), `claims` (every checked notebook claim with its negative control), `balancing_record`
+(notebook 02's runs under other float kernels, recorded), `sparsity_study` (notebook 05's paired arms and
+compute-to-match), `activation_controls` (notebook 03's untrained-model and null-routing controls).
 """
 
 import importlib
 
 _SUBMODULES = {"claims", "experiments", "records", "stability", "routing_study", "attention_costs", "palette", "plots",
-               "plots_stability", "seriation", "pretrained", "quantization_study"}
+               "plots_stability", "seriation", "pretrained", "quantization_study", "balancing_record",
+               "sparsity_study", "activation_controls"}
 
 
 def pretrained_mini(*args, **kwargs):
