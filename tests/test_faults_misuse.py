@@ -51,6 +51,15 @@ def test_a_hidden_size_the_embedding_does_not_have_is_refused_before_allocating(
         load_pretrained(path, progress=False)
 
 
+def test_a_million_experts_in_config_json_is_refused_at_once_naming_the_routers_shape(saved, tmp_path):
+    """Used to build a million experts per layer on the meta device, then list ~3 million missing tensors."""
+    path = with_config(saved, tmp_path, n_routed_experts=10**6)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"n_routed_experts 1000000 and hidden_size 32 disagree .*mlp\.gate\.weight has shape \[\d+, 32\]"):
+        load_pretrained(path, progress=False)
+    assert time.perf_counter() - t0 < 10
+
+
 def test_a_model_larger_than_the_memory_left_is_refused_by_name(saved, monkeypatch):
     import k2mini.checkpoint.load as load_module
 

@@ -99,7 +99,8 @@ def _check_tensors(reader: CheckpointReader, config: K2Config, plan) -> set[str]
 
 def check_sizes(reader: CheckpointReader, config: K2Config) -> None:
     """CheckpointError if config.json's sizes disagree with the tensors the checkpoint holds: the
-    embedding's (vocab_size, hidden_size), and num_hidden_layers against the layers the index names.
+    embedding's (vocab_size, hidden_size), a router's (n_routed_experts, hidden_size), and
+    num_hidden_layers against the layers the index names.
     Runs before the model is built, so that a wrong size fails at once instead of after building it."""
     where = reader.files.url(CONFIG)
     embed = "model.embed_tokens.weight"
@@ -111,6 +112,14 @@ def check_sizes(reader: CheckpointReader, config: K2Config) -> None:
                 f"checkpoint: {embed} has shape {list(shape)} (vocab_size, hidden_size)"
             )
     layers = {layer_of(k) for k in reader.keys()} - {None}
+    routers = sorted(k for k in reader.keys() if k.endswith(".mlp.gate.weight") and layer_of(k) is not None)
+    if routers and config.n_routed_experts:  # one router says how many experts every MoE layer has
+        shape = tuple(reader.shape(routers[0]))
+        if shape != (config.n_routed_experts, config.hidden_size):
+            raise CheckpointError(
+                f"{where}: n_routed_experts {config.n_routed_experts} and hidden_size {config.hidden_size} disagree "
+                f"with the checkpoint: {routers[0]} has shape {list(shape)} (n_routed_experts, hidden_size)"
+            )
     named = max(layers) + 1 if layers else 0
     if config.num_hidden_layers > named:
         raise CheckpointError(

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from ..atomic import temp_dir
+from ..atomic import disk_errors, temp_dir
 from .errors import FETCH_HINT, ChecksumError, CorpusError
 from .root import data_root, find_checkout
 
@@ -265,7 +265,8 @@ def fetch_corpus(
             "total_bytes": sum(f["bytes"] for f in files.values()),
             "files": files,
         }
-        (staging / MARKER).write_text(json.dumps(manifest, indent=1) + "\n")  # the folder is published whole
+        with disk_errors(staging / MARKER):  # a full disk names the file, not a bare errno
+            (staging / MARKER).write_text(json.dumps(manifest, indent=1) + "\n")  # the folder is published whole
         _publish(staging, target, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published
