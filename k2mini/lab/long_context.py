@@ -369,3 +369,36 @@ def claim_beats(method_long: dict, other_long: dict, short: dict, margin: float)
             "other": [long_read_gap(other_long[s], short[s]) for s in seeds]}
     ok = all(o - m > margin for m, o in zip(gaps["method"], gaps["other"]))
     return bool(ok), gaps
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving arithmetic at long context (exact counts from a K2Config; identities, not measurements)
+
+# bytes per parameter of (routed experts, everything else) in each released storage format
+WEIGHT_FORMATS = {
+    "bf16": (2.0, 2.0),
+    "fp8": (1.0 + 4 / (128 * 128), 1.0 + 4 / (128 * 128)),  # e4m3 + a float32 scale per 128x128 block (K2)
+    "int4": (0.5 + 2 / 32, 2.0),  # K2-Thinking: INT4 experts with a bf16 scale per 32, the rest bf16
+}
+
+
+def weight_bytes(config: K2Config, fmt: str = "fp8", active: bool = False) -> float:
+    """Bytes of the weights (all of them, or the ones one token reads) stored in `fmt`."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(WEIGHT_FORMATS)}, got {fmt!r}")
+    expert_b, other_b = WEIGHT_FORMATS[fmt]
+    parts = config.param_breakdown()["active" if active else "total"]
+    routed = parts["routed_experts"]
+    return routed * expert_b + (sum(parts.values()) - routed) * other_b
+
+
+def serving_bytes(config: K2Config, context: int, fmt: str = "fp8", scheme: str = "mla", kv_groups=None,
+                  cache_bytes_per_number: int = 2) -> dict:
+    """One sequence of `context` tokens at batch 1: weights held, KV cache held, and the bytes one decoded
+    token must read (its active weights plus the whole cache). Memory-bound decoding cannot run faster
+    than bandwidth / decode_bytes tokens per second."""
+    from .attention_costs import kv_cache_bytes
+
+    cache = kv_cache_bytes(config, scheme, context, bytes_per_number=cache_bytes_per_number, kv_groups=kv_groups)
+    return {"weights": weight_bytes(config, fmt), "cache": cache,
+            "decode_bytes": weight_bytes(config, fmt, active=True) + cache}
