@@ -13,7 +13,11 @@ them (so that logits match the reference):
     yarn      per-dimension blend of theta_i and theta_i / s by wavelength, plus an attention factor
 
 (s = factor, L0 = max_position_embeddings.) Only `dynamic` depends on the sequence length: its
-frequencies are a function of the length of the current call (`seq_len`).
+frequencies are a function of the length of the current call (`seq_len` = last position + 1).
+transformers' rotary module also keeps state: after a call past L0 it keeps that grown base for later
+shorter calls until one is shorter than L0. k2mini keeps none (a forward depends on its inputs only),
+so the two agree on a fresh model and through a generation (whose length only grows), and differ on
+a call that follows a longer one when both are past L0.
 """
 
 from __future__ import annotations
