@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.k2mini-installed
 export K2MINI_DATA ?= $(CURDIR)/data
 CORPUS := $(K2MINI_DATA)/shakespeare/.complete
 
-.PHONY: lab test setup corpus pytest nbval bench clean-venv
+.PHONY: lab test test-fast setup corpus pytest nbval bench clean-venv
 
 setup: $(STAMP)
 
@@ -31,8 +31,17 @@ LAB_ARGS ?=
 lab: $(STAMP) $(CORPUS)
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
+# pytest runs twice: with this CPU's own float kernels, then under others (PYTEST_KERNELS, ATen's portable
+# ones), so that a tolerance tuned to one machine's rounding fails here, not on a newcomer's CPU.
+# PYTEST_JOBS processes share the tests (pytest-xdist). `make test-fast` is the quick loop (no slow tests).
+PYTEST_KERNELS ?= ATEN_CPU_CAPABILITY=default
+PYTEST_JOBS ?= 2
 pytest: $(STAMP) $(CORPUS)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests -n $(PYTEST_JOBS)
+	$(PYTEST_KERNELS) OMP_NUM_THREADS=1 $(PY) -m pytest -q tests -n $(PYTEST_JOBS)
+
+test-fast: $(STAMP) $(CORPUS)
+	$(PY) -m pytest -q tests -m "not slow"
 
 # nbval re-runs the notebooks under other float kernels than those that wrote their outputs (ATen's
 # portable `default` kernels instead of the CPU's AVX2 / AVX-512 ones), as a newcomer's CPU would: the

@@ -2,7 +2,7 @@
 sequence-wise loss that complements it, the Switch/GShard auxiliary loss it replaced, and MaxVio,
 the imbalance they are judged by.
 
-All pure functions of the router's record (K2_SPEC.md section 4).
+All pure functions of the router's record (docs/K2_FACTS.md section 4).
 """
 
 from __future__ import annotations

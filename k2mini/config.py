@@ -269,7 +269,7 @@ class K2Config:
     def param_breakdown(self) -> dict[str, dict[str, int]]:
         """Parameters per component, `{"total": {...}, "active": {...}}`.
 
-        Convention (K2_SPEC section 1): every tensor of the unquantized model counts, the router's
+        Convention (docs/K2_FACTS.md section 1): every tensor of the unquantized model counts, the router's
         correction bias included; "active" is what one token touches: its embedding row and lm_head
         counted whole, all attention, dense layers, and per MoE layer the router, shared experts and
         `num_experts_per_tok` routed experts.
@@ -387,7 +387,7 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-# Released models: values of their public config.json files (K2_SPEC.md section 1).
+# Released models: values of their public config.json files (docs/K2_FACTS.md section 1).
 # Kimi-K2 and DeepSeek-V3 publish fp8 weights with a scale per 128x128 block (save_pretrained(fp8=True) too).
 K2_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],

@@ -8,6 +8,7 @@ where HF stores E separate `mlp.experts.{e}.gate_proj.weight` matrices.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -230,6 +231,17 @@ class K2ForCausalLM(nn.Module):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if do_sample:
             check_sampling(temperature, top_k, top_p)
+        else:
+            unused = [f"{n}={v!r}" for n, v, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
+                                                          ("top_p", top_p, None)) if v != default]
+            if unused:
+                warnings.warn(f"generate: {', '.join(unused)} only apply when sampling; this call decodes greedily. "
+                              "Pass do_sample=True to sample", UserWarning, stacklevel=3)
+        prompt = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
+        if prompt + max_new_tokens > self.config.max_position_embeddings:
+            warnings.warn(f"generate: {prompt} prompt + {max_new_tokens} new tokens go past "
+                          f"max_position_embeddings ({self.config.max_position_embeddings}), the longest context the "
+                          "model's positions are made for; later tokens are unreliable", UserWarning, stacklevel=3)
         if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < self.config.vocab_size):
             raise ValueError(f"eos_token_id {eos_token_id!r} is outside the vocabulary [0, {self.config.vocab_size})")
         cache = KVCache.empty(self.config)

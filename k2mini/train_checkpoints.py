@@ -9,6 +9,11 @@ wrong numbers. Only finite weights and optimizer state are saved (`nonfinite_ten
 not); after a divergence that made `last.pt` itself suspect, it is set aside as `diverged-step<N>.pt`
 and `prev.pt` takes its place (`set_aside_diverged`). A resume with other settings (model config, optimizer kind or hyperparameters, training
 settings that change the math) is refused, naming each difference.
+
+A run owns its directory while it trains (`own_checkpoint_dir`: a lock file, `.run.lock`, naming the
+holder; see locks.py): a second run into the same directory is refused by name instead of both
+writing over each other's checkpoints. On taking the directory, temporary files a killed run left
+there are removed; a failed save leaves none behind.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ import hashlib
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
+from . import locks
+from .atomic import atomic_write, disk_errors
 
 __all__ = ["CheckpointDamagedError", "LAST", "PREV", "save_checkpoint", "load_checkpoint", "check_settings",
-           "nonfinite_tensor", "check_finite_state", "run_settings", "existing_checkpoints", "newest_good", "set_aside_diverged"]
+           "nonfinite_tensor", "check_finite_state", "run_settings", "existing_checkpoints", "newest_good", "set_aside_diverged",
+           "own_checkpoint_dir", "LOCK"]
 
 LAST, PREV = "last.pt", "prev.pt"
+LOCK = ".run.lock"
 FORMAT = "k2mini.train/2"
 # TrainConfig fields that change what is logged or when, not the numbers a resumed run computes
 _SCHEDULING_FIELDS = {"steps", "eval_every", "eval_batches", "log_every", "checkpoint_every"}
@@ -130,14 +139,32 @@ def _keep_as_previous(path: Path, keep: bool) -> None:
         return
     tmp = path.with_name(f".{PREV}.{secrets.token_hex(6)}.tmp")
     try:
-        try:
-            os.link(path, tmp)  # last.pt is replaced by a rename later, so the link keeps the old bytes
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, prev)
-    except BaseException:
+        with disk_errors(prev):
+            try:
+                os.link(path, tmp)  # last.pt is replaced by a rename later, so the link keeps the old bytes
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, prev)
+    finally:
+        # also after a successful replace: when prev.pt already is last.pt (a save that failed after this
+        # step), the rename of one link onto another of the same file does nothing and leaves tmp
         tmp.unlink(missing_ok=True)
-        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Owning the directory
+
+
+@contextmanager
+def own_checkpoint_dir(checkpoint_dir):
+    """Hold `checkpoint_dir` for one run (LockedError naming the holder if another live process has
+    it), first removing the temporary files a killed run left in it."""
+    d = Path(checkpoint_dir)
+    with locks.hold(d / LOCK, f"checkpoint_dir {os.fspath(checkpoint_dir)!r}", blocking=False):
+        for name in (LAST, PREV):  # atomic_write's and _keep_as_previous's temporary names
+            for leftover in d.glob(f".{name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+        yield d
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,8 +30,9 @@ from tqdm.auto import tqdm
 from .balance import METHODS, loss_free_update, max_violation, sequence_aux_loss, switch_aux_loss
 from .optim.max_logits import TakesMaxLogits
 from .optim.muon import NonFiniteGradientError
+from .locks import LockedError
 from .train_checkpoints import (LAST, PREV, check_finite_state, check_settings, existing_checkpoints, load_checkpoint,
-                                newest_good, run_settings, save_checkpoint, set_aside_diverged)
+                                newest_good, own_checkpoint_dir, run_settings, save_checkpoint, set_aside_diverged)
 
 __all__ = [
     "train",
@@ -341,6 +343,32 @@ def resume_from(path: str, model, optimizer, cfg: TrainConfig | None = None) -> 
     return list(state["rows"]), state["step"] + 1
 
 
+@contextmanager
+def _owning(checkpoint_dir):
+    """Rank 0 holds checkpoint_dir for the run (train_checkpoints.own_checkpoint_dir); if another run
+    has it (or its lock file cannot be written), every rank raises, so that none waits for the others
+    in a collective."""
+    if checkpoint_dir is None:
+        yield
+        return
+    rank, world = _world()
+    with ExitStack() as stack:
+        refusal = None
+        if rank == 0:
+            try:
+                stack.enter_context(own_checkpoint_dir(checkpoint_dir))
+            except Exception as e:  # refused, or the lock file could not be written
+                refusal = e
+        if world > 1:
+            said = [None if refusal is None else (isinstance(refusal, LockedError), str(refusal))]
+            dist.broadcast_object_list(said, src=0)
+            if said[0] is not None and refusal is None:
+                refusal = (LockedError if said[0][0] else RuntimeError)(f"rank 0: {said[0][1]}")
+        if refusal is not None:
+            raise refusal
+        yield
+
+
 def _checkpoint_path(checkpoint_dir, resume: bool, overwrite: bool) -> str | None:
     if checkpoint_dir is None:
         if resume:
@@ -442,7 +470,10 @@ def train(
     Checkpoints (every `checkpoint_every` steps and at the end, into `checkpoint_dir`): `last.pt`, and
     `prev.pt` the one before. `resume=True` continues from `last.pt` (refused, by name, if its settings
     differ; a damaged file is a `CheckpointDamagedError`); a directory that holds another run's
-    checkpoints is refused unless `resume=True` or `overwrite=True`.
+    checkpoints is refused unless `resume=True` or `overwrite=True`. While it trains, the run owns
+    `checkpoint_dir` (a lock file, `.run.lock`): another run into it, in this process or another, is a
+    `k2mini.locks.LockedError` naming the holder. A full disk while saving is a `k2mini.atomic.WriteError`
+    (an OSError keeping the errno) naming the checkpoint.
     Divergence (a non-finite loss, gradient norm or max logit, or non-finite weights at a checkpoint)
     changes nothing and, with `on_nonfinite="stop"`, ends the run with a RuntimeWarning and
     `history.attrs["stop_reason"]`; with `"raise"`, a NonFiniteLossError naming the step. Either
@@ -463,42 +494,43 @@ def train(
     if checkpoint_dir is not None and getattr(model, "expert_parallel", None) is not None:
         raise ValueError("checkpoints of an expert-parallel model (k2mini.parallel.shard_experts) are not supported "
                          "yet: each rank holds other experts; train without checkpoint_dir")
-    ckpt_path = _checkpoint_path(checkpoint_dir, resume, overwrite)
-    rows: list[dict] = []
-    start = 0
-    if resume and os.path.exists(ckpt_path):
-        rows, start = resume_from(ckpt_path, model, optimizer, cfg)
-    first_save = not resume  # a new run's first save drops an overwritten run's prev.pt
+    with _owning(checkpoint_dir):  # a second run into the same checkpoint_dir is refused, naming this one
+        ckpt_path = _checkpoint_path(checkpoint_dir, resume, overwrite)
+        rows: list[dict] = []
+        start = 0
+        if resume and os.path.exists(ckpt_path):
+            rows, start = resume_from(ckpt_path, model, optimizer, cfg)
+        first_save = not resume  # a new run's first save drops an overwritten run's prev.pt
 
-    model.train()
-    stop_reason = "completed"
-    t0 = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
-    bar = tqdm(range(start, cfg.steps), disable=not progress or rank != 0, desc="train", initial=start, total=cfg.steps)
-    for step in bar:
-        result = train_step(model, net, optimizer, data, step, cfg)
-        if not result.finite:
-            stop_reason = _stop_on_nonfinite(result.problem, step, ckpt_path, on_nonfinite,
-                                             _problem_reason(result, step))
-            rows.append(_nonfinite_row(step, result, optimizer, cfg, time.perf_counter() - t0))
-            break
-        if cfg.logs_at(step):
-            row = history_row(step, result, optimizer, moe_layers, cfg)
-            if cfg.evaluates_at(step):  # the same batches on every rank
-                row["val_loss"] = evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-            row["wall_time"] = time.perf_counter() - t0
-            rows.append(row)
-            bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
-        if callback is not None:
-            callback(step, rows[-1] if rows else None)
-        if ckpt_path and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            stopped = _save_or_stop(ckpt_path, model, optimizer, step, rows, cfg, first_save, on_nonfinite)
-            first_save = False
-            if stopped:
-                stop_reason = stopped
+        model.train()
+        stop_reason = "completed"
+        t0 = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
+        bar = tqdm(range(start, cfg.steps), disable=not progress or rank != 0, desc="train", initial=start, total=cfg.steps)
+        for step in bar:
+            result = train_step(model, net, optimizer, data, step, cfg)
+            if not result.finite:
+                stop_reason = _stop_on_nonfinite(result.problem, step, ckpt_path, on_nonfinite,
+                                                 _problem_reason(result, step))
+                rows.append(_nonfinite_row(step, result, optimizer, cfg, time.perf_counter() - t0))
                 break
-    bar.close()
-    saved_last = cfg.checkpoint_every and cfg.steps % cfg.checkpoint_every == 0  # prev.pt must stay the one before
-    if ckpt_path and stop_reason == "completed" and cfg.steps > start and not saved_last:
-        stop_reason = _save_or_stop(ckpt_path, model, optimizer, cfg.steps - 1, rows, cfg, first_save,
-                                    on_nonfinite) or "completed"
-    return _history_frame(rows, cfg, stop_reason, world)
+            if cfg.logs_at(step):
+                row = history_row(step, result, optimizer, moe_layers, cfg)
+                if cfg.evaluates_at(step):  # the same batches on every rank
+                    row["val_loss"] = evaluate(model, data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+                row["wall_time"] = time.perf_counter() - t0
+                rows.append(row)
+                bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
+            if callback is not None:
+                callback(step, rows[-1] if rows else None)
+            if ckpt_path and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                stopped = _save_or_stop(ckpt_path, model, optimizer, step, rows, cfg, first_save, on_nonfinite)
+                first_save = False
+                if stopped:
+                    stop_reason = stopped
+                    break
+        bar.close()
+        saved_last = cfg.checkpoint_every and cfg.steps % cfg.checkpoint_every == 0  # prev.pt must stay the one before
+        if ckpt_path and stop_reason == "completed" and cfg.steps > start and not saved_last:
+            stop_reason = _save_or_stop(ckpt_path, model, optimizer, cfg.steps - 1, rows, cfg, first_save,
+                                        on_nonfinite) or "completed"
+        return _history_frame(rows, cfg, stop_reason, world)

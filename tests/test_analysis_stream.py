@@ -53,6 +53,14 @@ def in_memory(path, ids, upto=None):
     return model, out.telemetry, hidden
 
 
+def assert_stream_close(streamed, reference):
+    """Equal up to float rounding of the residual stream: sums in another order give differences of about
+    1e-6 of the stream's largest value (1.4e-5 on a scale of 14 under MKL_CBWR=COMPATIBLE), where a wrong
+    layer gives differences of order 1."""
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(streamed, reference, rtol=1e-5, atol=1e-5 * scale)
+
+
 def token_batch(vocab, shape=(3, 24), seed=0):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -70,7 +78,7 @@ def test_streaming_equals_in_memory(ckpt):
         assert torch.allclose(r.weight_sum[i], stats.weight_sums(rec.indices, rec.weights.detach(), E))
         assert torch.equal(r.counts_by_label["b"][i], stats.expert_counts(rec.indices[1], E))
     assert torch.equal(r.counts_by_label["a"] + r.counts_by_label["b"], r.counts)
-    assert torch.allclose(r.hidden, hidden[-1], atol=1e-5, rtol=0)
+    assert_stream_close(r.hidden, hidden[-1])
     assert torch.allclose(r.max_logits, tel.max_logits, atol=1e-5)
     # every token touched k experts per MoE layer: the share is the configuration's active / total
     counts = model_config.param_counts()
@@ -112,7 +120,7 @@ def test_layer_selection_stops_early(grouped):
     r = stream_activations(grouped, ids, layers=[1], progress=False)
     _, tel, hidden = in_memory(grouped, ids, upto=2)
     assert r.layers == [1] and torch.equal(r.counts[0], tel.loads[0])
-    assert torch.allclose(r.hidden, hidden[1], atol=1e-5, rtol=0)
+    assert_stream_close(r.hidden, hidden[1])
     assert r.max_logits.shape[0] == 2
     r2 = stream_activations(grouped, ids, layers=slice(1, None), progress=False)
     assert r2.layers == [1, 2] and torch.equal(r2.counts, tel.loads)
@@ -122,8 +130,11 @@ def test_attention_in_row_chunks_gives_the_same_stream(grouped):
     ids = token_batch(260, (4, 16))
     whole = stream_activations(grouped, ids, progress=False)
     chunked = stream_activations(grouped, ids, attention_budget_bytes=1, progress=False)  # one row at a time
-    assert torch.allclose(whole.hidden, chunked.hidden, atol=1e-5, rtol=0)
-    assert torch.allclose(whole.max_logits, chunked.max_logits, atol=1e-5)
+    # Chunking changes only the order of float sums: routing is identical and the stream differs by
+    # rounding (measured 0 natively, 1.4e-5 on a scale of 14 under MKL_CBWR=COMPATIBLE, i.e. 1e-6 relative).
+    assert torch.equal(whole.counts, chunked.counts)
+    assert_stream_close(chunked.hidden, whole.hidden)
+    torch.testing.assert_close(chunked.max_logits, whole.max_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_interrupted_run_resumes_at_the_layer_it_reached(grouped, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ K2 = K2Config.preset("kimi-k2")
 
 
 def test_k2_numbers_per_token_per_layer():
-    # K2_SPEC section 3: 576 for MLA against 64 x (192 + 128) = 20,480 for the same heads uncompressed
+    # docs/K2_FACTS.md section 3: 576 for MLA against 64 x (192 + 128) = 20,480 for the same heads uncompressed
     assert kv_cache_numbers_per_token(K2, "mla") == 512 + 64 == 576
     assert kv_cache_numbers_per_token(K2, "mha") == 64 * (192 + 128) == 20480
     assert kv_cache_numbers_per_token(K2, "gqa", kv_groups=8) == 8 * 320

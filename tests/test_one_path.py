@@ -144,7 +144,8 @@ def test_a_change_to_the_models_math_changes_the_stream_alike(monkeypatch):
         for layer in model.model.layers:
             x = layer(x, cos, sin)[0]
     assert (after.hidden - before.hidden).abs().max() > 1e-2
-    assert torch.allclose(after.hidden, x, atol=1e-5, rtol=0)
+    # the stream and the model sum in other orders (other kernels): rounding, relative to the stream's scale
+    torch.testing.assert_close(after.hidden, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
     assert torch.equal(after.counts, out.telemetry.loads)
     E = model.config.n_routed_experts
     assert torch.allclose(after.weight_sum, torch.stack([stats.weight_sums(r.indices, r.weights, E) for r in out.telemetry.routers]))

@@ -1,6 +1,6 @@
 """Parameter and checkpoint-byte accounting by component: what a token activates, what a file holds.
 
-`active_share(config)` is the per-component view of `K2Config.param_breakdown()` (K2_SPEC section 1's
+`active_share(config)` is the per-component view of `K2Config.param_breakdown()` (docs/K2_FACTS.md section 1's
 convention). `layout_bytes(config)` sizes every tensor of the HF checkpoint layout (section 2) as K2
 publishes it: fp8 attention and FFN matrices with float32 128x128 block scales, bf16 for the rest, the
 router's correction bias in float32. The static router summary reads only the "router" row of it.

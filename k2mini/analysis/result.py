@@ -18,7 +18,7 @@ class StreamResult:
     each expert received (routed_scaling_factor included, as the model applies them). coactivation
     (L, E, E) int64: tokens that chose both experts (diagonal = counts). weight_entropy (L,): mean over
     tokens of the entropy (nats) of each token's normalized weights over its k experts.
-    token_param_share (B, T): the share of the model's parameters each token touched (K2_SPEC section 1
+    token_param_share (B, T): the share of the model's parameters each token touched (docs/K2_FACTS.md section 1
     convention: embedding and lm_head counted whole, plus what it routed to). hidden (B, T, hidden):
     the residual stream after the last layer computed. max_logits (layers computed, heads).
     """

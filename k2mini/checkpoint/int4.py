@@ -37,7 +37,7 @@ UNSUPPORTED_PARTS = {  # companions a packed weight may have that this reader do
 }
 CHUNK_ELEMENTS = 2**20  # dequantize about this many output elements at a time (scratch: ~5 MiB)
 
-# What Kimi-K2-Thinking's config.json says (K2_SPEC section 7); save_pretrained writes it.
+# What Kimi-K2-Thinking's config.json says (docs/K2_FACTS.md section 7); save_pretrained writes it.
 K2_THINKING_QUANTIZATION_CONFIG = {
     "quant_method": QUANT_METHOD,
     "format": FORMAT,

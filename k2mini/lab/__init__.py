@@ -11,7 +11,7 @@ to a trained model).
 
 import importlib
 
-_SUBMODULES = {"experiments", "records", "stability", "routing_study", "attention_costs", "palette", "plots",
+_SUBMODULES = {"claims", "experiments", "records", "stability", "routing_study", "attention_costs", "palette", "plots",
                "plots_stability", "seriation", "pretrained", "quantization_study"}
 
 

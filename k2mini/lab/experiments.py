@@ -565,6 +565,9 @@ def run_sweep(
     refresh: recompute and overwrite cached runs.
     progress: a bar over the runs (tqdm.auto).
     jobs: > 1 trains the uncached runs in that many processes of one thread each (not with `data`).
+        A worker that dies (killed, out of memory) ends the sweep with a RuntimeError naming the runs
+        lost; every run finished before is in the cache.
+    A run whose cache entry cannot be written (a full disk) is still returned, with a warning.
     """
     from tqdm.auto import tqdm
 
@@ -576,11 +579,8 @@ def run_sweep(
     if jobs > 1 and len(todo) > 1:
         if data is not None:
             raise ValueError("run_sweep: jobs > 1 trains on each spec's corpus; pass data=None")
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
-            for i, result in zip(todo, pool.imap(_run_in_worker, [specs[i] for i in todo])):
-                results[i] = _finish(result, store, bar)
+        for i, result in _in_workers(specs, todo, jobs):
+            results[i] = _finish(result, store, bar)
     else:
         prepared: dict[tuple, PreparedBatches] = {}
         for i in todo:
@@ -594,8 +594,53 @@ def run_sweep(
     return results
 
 
+def _in_workers(specs: list[RunSpec], todo: list[int], jobs: int):
+    """(index, RunResult) for each spec of `todo`, as worker processes finish them (spawned processes:
+    they import the caller's main module, which must therefore be a file)."""
+    import multiprocessing as mp
+    import sys
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main is not None and not os.path.exists(main):
+        raise RuntimeError(
+            f"run_sweep(jobs={jobs}): worker processes start by importing the main script, and {main!r} is not "
+            "a file (a script read from stdin?); save it to a file and run that, or pass jobs=1"
+        )
+    pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"))
+    futures = {pool.submit(_run_in_worker, specs[i]): i for i in todo}
+    try:
+        lost, failed = [], None
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                lost.append(specs[futures[future]].name)
+                continue
+            except Exception as e:  # a run that raised: the others still finish and are cached, then it is raised
+                failed = failed or e
+                continue
+            yield futures[future], result  # cached by the caller before the next one
+        if failed is not None:
+            raise failed
+        if lost:
+            raise RuntimeError(
+                f"run_sweep: a worker process died (killed, or out of memory?) and took {len(lost)} unfinished "
+                f"run(s) with it: {lost}. The runs that finished are cached; run the sweep again (jobs=1, or "
+                "fewer jobs if memory is short) to train the rest"
+            )
+    finally:
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _finish(result: RunResult, store: RunCache | None, bar) -> RunResult:
     if store is not None:
-        store.put(result)
+        try:
+            store.put(result)
+        except OSError as e:  # the run is trained: keep it, even if the cache cannot
+            warnings.warn(f"run {result.name!r} was trained but not cached: {e}", RuntimeWarning, stacklevel=3)
     bar.update(1)
     return result

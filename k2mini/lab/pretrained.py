@@ -93,6 +93,17 @@ def pretrained_mini(
     path = mini_path(name, root, format)
     if (path / "training.json").exists() and not retrain:
         return path
+    from .. import locks
+
+    # two processes asking at once (notebooks run side by side): the second waits, then finds it cached
+    lock = path.parent / f".{mini_path(name, root).name}.lock"
+    with locks.hold(lock, f"training pretrained_mini {name!r}", blocking=True, say_waiting=False):
+        if (path / "training.json").exists() and not retrain:
+            return path
+        return _train_and_save(name, root, path, progress)
+
+
+def _train_and_save(name: str, root, path: Path, progress: bool) -> Path:
     recipe = RECIPES[name]
     from ..checkpoint import save_pretrained
     from ..data import load_corpus, make_dataset

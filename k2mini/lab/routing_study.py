@@ -37,7 +37,7 @@ __all__ = [
 
 def routing_walkthrough(scores: torch.Tensor, gate, tokens: Sequence[str] | None = None, *,
                         expected: tuple[torch.Tensor, torch.Tensor] | None = None, decimals: int = 3) -> pd.DataFrame:  # fmt: skip
-    """K2's routing (K2_SPEC section 4) stage by stage from the sigmoid scores, one row per token, computed
+    """K2's routing (docs/K2_FACTS.md section 4) stage by stage from the sigmoid scores, one row per token, computed
     by the steps `route()` is made of (`choose_experts`, `mixing_weights`).
 
     scores: (N, E) sigmoid scores (e.g. a RouterRecord's `scores[b, :N]`); gate: the layer's `Router`

@@ -8,7 +8,7 @@ One step for a weight ``W`` of shape ``[A, B]`` (or ``[E, A, B]``, each expert i
     W  <- W * (1 - lr * wd) - lr * adjust(A, B) * O
     adjust = 0.2 * sqrt(max(A, B))  ("match_rms_adamw", Moonlight/K2)  or  sqrt(max(1, A / B))  ("original")
 
-K2_SPEC writes the momentum heavy-ball style, ``M_t = mu M_{t-1} + G`` and ``U = G + mu M_t``. By
+docs/K2_FACTS.md writes the momentum heavy-ball style, ``M_t = mu M_{t-1} + G`` and ``U = G + mu M_t``. By
 induction ``B_t = (1 - mu) M_t`` and hence ``U_ema = (1 - mu) U_heavy``: the two differ by a constant
 factor only, and ``newton_schulz`` divides by the Frobenius norm first, so the orthogonalized update
 ``O`` is the same. The one place the factor survives is the ``eps`` floor of that division,

@@ -47,8 +47,11 @@ def shard_experts(model, degree: int | None = None):
     reads when it wraps the model). Returns the model; `model.expert_parallel` holds the groups.
 
     ValueError if the degree does not fit: larger than the world, not dividing it, or not dividing
-    the number of routed experts.
+    the number of routed experts; or if the model is already sharded.
     """
+    if getattr(model, "expert_parallel", None) is not None:
+        raise ValueError("shard_experts: this model's experts are already sharded (model.expert_parallel is set); "
+                         "call shard_experts once, on a model that is not sharded")
     groups = expert_parallel_groups(model.config.n_routed_experts, degree)
     ignored, hook = [], _expert_grad_hook(groups)
     for layer in model.moe_layers():
