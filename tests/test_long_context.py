@@ -7,6 +7,8 @@ import torch
 import k2mini
 from k2mini import K2Config, K2ForCausalLM
 from k2mini.lab import long_context as lc
+from k2mini.lab.claims import registry
+from k2mini.lab.claims.long_context import yarn_beats_plain_after_continued, yarn_reads_long
 from lab_runs import write_corpus
 
 T0 = lc.TRAINED_LEN
@@ -125,37 +127,34 @@ def _losses(short_level, long_level, seeds=(0, 1, 2), n=8 * T0):
     return short, long
 
 
-def test_claim_reads_long_positive_control():
+def test_claim_yarn_reads_long_positive_control():
     short, yarn = _losses(2.3, 2.35)
     _, plain = _losses(2.3, 3.1)
-    ok, gaps = lc.claim_reads_long(yarn, plain, short, margin=0.3)
-    assert ok and max(gaps["method"]) < 0.1 and min(gaps["plain"]) > 0.7
+    v = yarn_reads_long(yarn, plain, short, margin=0.3)
+    assert v.holds and 0.2 < v.margin < 0.3 and "plain" in v.detail
 
 
-def test_claim_reads_long_negative_controls():
+def test_claim_yarn_reads_long_negative_controls():
     short, plain = _losses(2.3, 3.1)
-    assert not lc.claim_reads_long(plain, plain, short, margin=0.3)[0]  # the two arms made identical
+    assert not yarn_reads_long(plain, plain, short, margin=0.3)  # the two arms made identical
     _, untrained = _losses(2.3, np.log(260))  # flat loss: no position effect, but nothing read either
-    assert not lc.claim_reads_long(untrained, plain, short, margin=0.3)[0]
+    assert not yarn_reads_long(untrained, plain, short, margin=0.3)
     _, yarn = _losses(2.3, 2.35)
-    assert not lc.claim_reads_long(plain, yarn, short, margin=0.3)[0]  # arms swapped
+    assert not yarn_reads_long(plain, yarn, short, margin=0.3)  # arms swapped
     with pytest.raises(ValueError, match="same seeds"):
-        lc.claim_reads_long(yarn, {0: plain[0]}, short, margin=0.3)
+        yarn_reads_long(yarn, {0: plain[0]}, short, margin=0.3)
 
 
-def test_claim_beats_controls():
+def test_claim_yarn_beats_plain_after_continued_controls():
     short, a = _losses(2.3, 2.4)
     _, b = _losses(2.3, 2.55)
-    assert lc.claim_beats(a, b, short, margin=0.05)[0]
-    assert not lc.claim_beats(a, a, short, margin=0.05)[0]  # identical arms
-    assert not lc.claim_beats(b, a, short, margin=0.05)[0]  # swapped
+    assert yarn_beats_plain_after_continued(a, b, short, margin=0.05)  # positive control
+    assert not yarn_beats_plain_after_continued(a, a, short, margin=0.05)  # identical arms
+    assert not yarn_beats_plain_after_continued(b, a, short, margin=0.05)  # swapped
     b[1] = a[1]  # one seed without the gap
-    assert not lc.claim_beats(a, b, short, margin=0.05)[0]
+    assert not yarn_beats_plain_after_continued(a, b, short, margin=0.05)
 
 
-def test_claim_retrieves_far_controls():
-    good = {s: np.array([0.9, 0.8, 0.7]) for s in (0, 1)}
-    chance = {s: np.array([0.9, 0.0, 0.01]) for s in (0, 1)}
-    assert lc.claim_retrieves_far(good, chance, threshold=0.5)[0]
-    assert not lc.claim_retrieves_far(chance, chance, threshold=0.5)[0]
-    assert not lc.claim_retrieves_far(chance, good, threshold=0.5)[0]
+def test_claims_are_registered_for_notebook_07():
+    names = {c.name for c in registry() if c.notebook == "07"}
+    assert names == {"yarn_reads_long", "yarn_beats_plain_after_continued"}

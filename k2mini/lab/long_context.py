@@ -320,55 +320,13 @@ def run_study(scale: StudyScale, data, lengths=None, distances=None, progress: b
 
 
 # ----------------------------------------------------------------------------------------------
-# Verdicts (each a checked claim of the notebook, with its controls in tests/test_long_context.py)
+# The measure behind notebook 07's claims (the claims: k2mini.lab.claims.long_context)
 
 
 def long_read_gap(loss_long, loss_short, trained_len: int = TRAINED_LEN) -> float:
     """Mean loss over the positions past the trained length minus the trained model's mean loss over
     its own trained length (nats/byte): <= 0 when reading long costs nothing."""
     return float(np.mean(np.asarray(loss_long)[trained_len:]) - np.mean(np.asarray(loss_short)[:trained_len]))
-
-
-def claim_reads_long(method_long: dict, plain_long: dict, short: dict, margin: float) -> tuple[bool, dict]:
-    """"`method` reads at the long length within `margin` nats of the trained length's loss, where
-    plain extrapolation does not": in every seed, the method's gap <= margin < plain's gap.
-
-    Each argument maps a seed to a per-position loss (long: at the long length, short: the trained
-    model at the trained length). Returns (verdict, {"method": gaps, "plain": gaps})."""
-    seeds = sorted(short)
-    if not seeds or set(seeds) != set(method_long) or set(seeds) != set(plain_long):
-        raise ValueError("claim_reads_long: the three arms need the same seeds")
-    gaps = {"method": [long_read_gap(method_long[s], short[s]) for s in seeds],
-            "plain": [long_read_gap(plain_long[s], short[s]) for s in seeds]}
-    ok = max(gaps["method"]) <= margin < min(gaps["plain"])
-    return bool(ok), gaps
-
-
-def claim_retrieves_far(method_acc: dict, plain_acc: dict, threshold: float, far: slice = slice(1, None)) -> tuple[bool, dict]:
-    """"`method` retrieves the planted key at every distance past the trained length with accuracy
-    >= threshold in every seed, and plain extrapolation stays below it at every such distance".
-
-    method_acc / plain_acc map a seed to accuracies by distance; `far` selects the distances past the
-    trained length. Returns (verdict, {"method": worst per seed, "plain": best per seed})."""
-    seeds = sorted(method_acc)
-    if not seeds or set(seeds) != set(plain_acc):
-        raise ValueError("claim_retrieves_far: the arms need the same seeds")
-    worst = [float(np.min(np.asarray(method_acc[s])[far])) for s in seeds]
-    best_plain = [float(np.max(np.asarray(plain_acc[s])[far])) for s in seeds]
-    ok = min(worst) >= threshold > max(best_plain)
-    return bool(ok), {"method": worst, "plain": best_plain}
-
-
-def claim_beats(method_long: dict, other_long: dict, short: dict, margin: float) -> tuple[bool, dict]:
-    """"`method` reads the long length better than `other` by more than `margin` nats in every seed"
-    (gaps as `long_read_gap`). Returns (verdict, {"method": gaps, "other": gaps})."""
-    seeds = sorted(short)
-    if not seeds or set(seeds) != set(method_long) or set(seeds) != set(other_long):
-        raise ValueError("claim_beats: the arms need the same seeds")
-    gaps = {"method": [long_read_gap(method_long[s], short[s]) for s in seeds],
-            "other": [long_read_gap(other_long[s], short[s]) for s in seeds]}
-    ok = all(o - m > margin for m, o in zip(gaps["method"], gaps["other"]))
-    return bool(ok), gaps
 
 
 # ----------------------------------------------------------------------------------------------
