@@ -25,6 +25,7 @@ YARN_KEYS = (
     "attention_factor",
     "truncate",
 )
+ROPE_TYPES = ("linear", "dynamic", "yarn")  # rope_scaling types besides "default" (no scaling)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class K2Config:
     v_head_dim: int = 16
     hidden_act: str = "silu"
     rope_theta: float = 50000.0
-    rope_scaling: dict | None = None  # yarn parameters (transformers-4 spelling), or None
+    rope_scaling: dict | None = None  # linear / dynamic / yarn parameters (transformers-4 spelling), or None
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -240,7 +241,6 @@ class K2Config:
         rope = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
         if self.rope_scaling is not None:
             rope.update(self.rope_scaling)
-            rope["rope_type"] = "yarn"
         d["rope_parameters"] = rope
         d["num_nextn_predict_layers"] = 0
         d["rope_interleave"] = True
@@ -314,16 +314,33 @@ class K2Config:
 
 
 def _normalize_rope_scaling(rs: dict) -> dict | None:
+    """The rope scaling dict in k2mini's spelling: `rope_type` plus the keys that type reads.
+
+    Types (as transformers' `modeling_rope_utils` computes them): "default" (None here), "linear"
+    (position interpolation: every frequency divided by `factor`), "dynamic" (NTK-aware: the base grows
+    with the current sequence length past max_position_embeddings) and "yarn". linear and dynamic
+    take only a `factor`; anything else (an mscale, an original length) is refused rather than ignored.
+    """
     rs = dict(rs)
     kind = rs.pop("rope_type", None) or rs.pop("type", None)
     rs.pop("type", None)
     rs.pop("rope_theta", None)
     if kind in (None, "default"):
         return None
-    if kind != "yarn":
-        raise ValueError(f"K2Config.rope_scaling: only yarn scaling is supported (got rope_type {kind!r})")
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"K2Config.rope_scaling: rope_type {kind!r} is not supported (choose from default, {', '.join(ROPE_TYPES)})"
+        )
     if "factor" not in rs:
-        raise ValueError("K2Config.rope_scaling: yarn needs a 'factor'")
+        raise ValueError(f"K2Config.rope_scaling: {kind} needs a 'factor'")
+    if kind in ("linear", "dynamic"):
+        extra = sorted(k for k, v in rs.items() if k != "factor" and v is not None)
+        if extra:
+            raise ValueError(f"K2Config.rope_scaling: {kind} takes only 'factor' (got also {extra})")
+        v = rs["factor"]
+        if not _is_real(v) or not v >= 1:
+            raise ValueError(f"K2Config.rope_scaling: factor must be a finite number >= 1 for {kind} (got {v!r})")
+        return {"rope_type": kind, "factor": v}
     if "original_max_position_embeddings" not in rs:
         raise ValueError("K2Config.rope_scaling: yarn needs 'original_max_position_embeddings'")
     out = {"rope_type": "yarn"}
@@ -444,6 +461,12 @@ _MINI = dict(
 PRESETS: dict[str, dict] = {
     "kimi-k2": _K2,
     "kimi-k2-instruct-0905": {
+        **_K2,
+        "rope_scaling": {**_K2["rope_scaling"], "factor": 64.0},
+        "max_position_embeddings": 262144,
+    },
+    # K2.5 / K2.6 (text model): K2's sizes, yarn factor 64 over the same 4,096 original tokens (256K)
+    "kimi-k2.5": {
         **_K2,
         "rope_scaling": {**_K2["rope_scaling"], "factor": 64.0},
         "max_position_embeddings": 262144,

@@ -20,7 +20,7 @@ from .attention import LayerCache, MultiHeadLatentAttention
 from .config import K2Config
 from .moe import MoE, FeedForward, expert_load
 from .norm import RMSNorm
-from .rope import rope_cos_sin, rope_frequencies
+from .rope import rope_cos_sin, rope_frequencies, rope_type
 
 
 @dataclass
@@ -181,7 +181,10 @@ class K2ForCausalLM(nn.Module):
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attention_factor)
+        inv_freq = self.inv_freq
+        if rope_type(self.config) == "dynamic":  # NTK-aware: the frequencies follow this call's length
+            inv_freq = rope_frequencies(self.config, seq_len=start + T)[0].to(input_ids.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, self.rope_attention_factor)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         max_logits, routers = [], []
         for i, layer in enumerate(self.model.layers):

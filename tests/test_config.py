@@ -1,6 +1,7 @@
 """K2Config: released presets, HF config.json spellings, parameter accounting, bad input."""
 
 import json
+import math
 
 import pytest
 
@@ -26,6 +27,7 @@ K2_CONFIG_JSON = {  # the fields of Kimi-K2-Instruct's config.json that matter (
     [
         ("kimi-k2", 1_026_408_232_448, 32_861_500_928),
         ("kimi-k2-instruct-0905", 1_026_408_232_448, 32_861_500_928),
+        ("kimi-k2.5", 1_026_408_232_448, 32_861_500_928),
         ("deepseek-v3", 671_026_419_200, 37_552_297_472),
     ],
 )
@@ -58,6 +60,17 @@ def test_k2_expert_arithmetic():
 
 def test_k2_softmax_scale():
     assert softmax_scale(K2Config.preset("kimi-k2")) == pytest.approx(0.130861, abs=5e-7)
+
+
+def test_k25_preset_is_k2_with_yarn_factor_64():
+    """K2.5 / K2.6: yarn factor 64 over K2's 4,096 original tokens = 262,144 positions; nothing else changes."""
+    k2, k25 = K2Config.preset("kimi-k2").to_dict(), K2Config.preset("kimi-k2.5").to_dict()
+    rs = k25.pop("rope_scaling")
+    assert rs == {**k2.pop("rope_scaling"), "factor": 64.0}
+    assert rs["factor"] * rs["original_max_position_embeddings"] == k25.pop("max_position_embeddings") == 262_144
+    k2.pop("max_position_embeddings")
+    assert k25 == k2
+    assert softmax_scale(K2Config.preset("kimi-k2.5")) == pytest.approx(192**-0.5 * (0.1 * math.log(64) + 1) ** 2)
 
 
 def test_from_hf_kimi_k2_json_equals_preset(tmp_path):
@@ -98,7 +111,8 @@ def test_to_hf_is_accepted_by_transformers():
         ({"scoring_func": "softmax"}, "scoring_func"),
         ({"qk_rope_head_dim": 63}, "qk_rope_head_dim"),
         ({"num_key_value_heads": 8}, "num_key_value_heads"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0, "mscale": 1.0}}, "rope_scaling"),
         ({"hidden_size": "7168"}, "hidden_size"),
     ],
 )

@@ -216,7 +216,7 @@ def _stream(reader, token_ids, layers, labels, state_dir, budget, progress) -> S
     with torch.no_grad():
         if x is None:
             x = embedding_rows(reader, ids)  # (B, T, H)
-        cos, sin = rope_cos_sin(torch.arange(T), *rope_frequencies(config))
+        cos, sin = rope_cos_sin(torch.arange(T), *rope_frequencies(config, seq_len=T))
         bar = tqdm(range(state["next_layer"], stop), desc="layers", unit="layer", disable=not progress,
                    initial=state["next_layer"], total=stop)
         for i in bar:
