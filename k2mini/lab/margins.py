@@ -133,20 +133,19 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     seeds = args.seed or [0]
-    rows = []
-    if args.what == "04":
-        for seed in seeds:
-            rows += _rows("04", seed, verdicts_04(*study_04(seed)))
-    else:
-        runs = study_06(seeds)
-        for seed in seeds:
-            rows += _rows("06", seed, verdicts_06([r for r in runs if r.spec.seed == seed]))
     env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR") if os.environ.get(k))
     command = f"{env + ' ' if env else ''}python -m k2mini.lab.margins {' '.join(sys.argv[1:] if argv is None else argv)}"
-    _write(Path(args.out), {"command": command, "rows": rows})
-    for r in rows:
-        print(f"{r['kernels']:>10s} seed {r['seed']}  {r['claim']:38s} {'holds' if r['holds'] else 'FAILS'}  "
-              f"margin {r['margin']:+.3f}  {r['detail']}")
+    rows = []
+    for seed in seeds:  # the part is rewritten after every seed, so a long study can be stopped early
+        if args.what == "04":
+            new = _rows("04", seed, verdicts_04(*study_04(seed)))
+        else:
+            new = _rows("06", seed, verdicts_06(study_06([seed])))
+        rows += new
+        _write(Path(args.out), {"command": command, "rows": rows})
+        for r in new:
+            print(f"{r['kernels']:>10s} seed {r['seed']}  {r['claim']:26s} {'holds' if r['holds'] else 'FAILS'}  "
+                  f"margin {r['margin']:+.3f}  {r['detail']}", flush=True)
     return 0
 
 
