@@ -1,4 +1,4 @@
-"""Notebook 06's claim: trained routers rank by straggler factor (loss-free < aux loss < none), every seed.
+"""Notebook 06's claim: balanced routers leave the slowest rank waiting less than no balancing, every seed.
 
 Negative controls: identical arms (every method's loads the same, here an untrained router's real loads
 on real tokens) and the methods' labels swapped; positive: a table with the notebook's ordering.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from k2mini import K2Config, K2ForCausalLM
-from k2mini.lab.claims.dispatch import balancing_ranks_stragglers
+from k2mini.lab.claims.dispatch import balancing_cuts_stragglers
 from k2mini.lab.expert_parallel import straggler_factor, straggler_table
 
 D = 4
@@ -22,18 +22,18 @@ def table(values):
                          for m, v in zip(("loss_free", "aux_loss", "none"), vals)])
 
 
-def test_claim_balancing_ranks_stragglers_holds_on_the_notebooks_ordering():
-    v = balancing_ranks_stragglers(table({0: (1.12, 1.25, 1.91), 1: (1.10, 1.30, 1.70)}), degree=D)
-    assert v and v.margin == pytest.approx(0.13)
+def test_claim_balancing_cuts_stragglers_holds_on_the_notebooks_figures():
+    v = balancing_cuts_stragglers(table({0: (1.12, 1.25, 1.91), 1: (1.16, 1.156, 1.787)}), degree=D)
+    assert v and v.margin == pytest.approx(1.787 - 1.16 - 0.25)
 
 
-def test_claim_balancing_ranks_stragglers_fails_when_one_seed_breaks_the_order():
-    assert not balancing_ranks_stragglers(table({0: (1.12, 1.25, 1.91), 1: (1.30, 1.25, 1.70)}), degree=D)
+def test_claim_balancing_cuts_stragglers_fails_when_one_seed_gains_too_little():
+    assert not balancing_cuts_stragglers(table({0: (1.12, 1.25, 1.91), 1: (1.30, 1.25, 1.50)}), degree=D)
 
 
-def test_claim_balancing_ranks_stragglers_fails_on_swapped_labels():
+def test_claim_balancing_cuts_stragglers_fails_on_swapped_labels():
     swapped = table({0: (1.12, 1.25, 1.91)}).replace({"balancing": {"none": "loss_free", "loss_free": "none"}})
-    assert not balancing_ranks_stragglers(swapped, degree=D)
+    assert not balancing_cuts_stragglers(swapped, degree=D)
 
 
 class Run:
@@ -48,7 +48,7 @@ class Run:
         self.spec.seed = seed
 
 
-def test_claim_balancing_ranks_stragglers_fails_on_identical_arms_of_an_untrained_router():
+def test_claim_balancing_cuts_stragglers_fails_on_identical_arms_of_an_untrained_router():
     """Every method given the same real loads (an untrained k2-micro routing random tokens): no order."""
     torch.manual_seed(0)
     model = K2ForCausalLM(K2Config.preset("k2-micro")).eval()
@@ -58,8 +58,8 @@ def test_claim_balancing_ranks_stragglers_fails_on_identical_arms_of_an_untraine
     runs = [Run(0, m, loads) for m in ("loss_free", "aux_loss", "none")]
     t = straggler_table(runs, degrees=[D], last=50)
     assert np.allclose(t[D], t[D].iloc[0]) and t[D].iloc[0] > 1  # uneven, but the same in every arm
-    v = balancing_ranks_stragglers(t, degree=D)
-    assert not v and v.margin == 0
+    v = balancing_cuts_stragglers(t, degree=D)
+    assert not v and v.margin == pytest.approx(-0.25)
 
 
 def test_straggler_table_averages_the_factor_over_the_last_steps_and_layers():

@@ -77,7 +77,9 @@ def verdicts_06(runs) -> dict:
     from .expert_parallel import straggler_table
 
     table = straggler_table(runs, degrees=[NB06["degree"]], last=NB06["last"])
-    return {"balancing_ranks_stragglers": c.balancing_ranks_stragglers(table, degree=NB06["degree"])}
+    return {"balancing_cuts_stragglers": c.balancing_cuts_stragglers(table, degree=NB06["degree"]),
+            "loss_free_below_aux_loss (not claimed)": c.balancing_cuts_stragglers(
+                table, degree=NB06["degree"], methods=("loss_free",), baseline="aux_loss", by=0.0)}
 
 
 def _kernels() -> str:
