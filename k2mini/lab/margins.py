@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     seeds = args.seed or [0]
     env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR") if os.environ.get(k))
-    command = f"{env + ' ' if env else ''}python -m k2mini.lab.margins {' '.join(sys.argv[1:] if argv is None else argv)}"
+    words = [Path(w).name if w == args.out else w for w in (sys.argv[1:] if argv is None else argv)]  # no machine paths
+    command = f"{env + ' ' if env else ''}python -m k2mini.lab.margins {' '.join(words)}"
     rows = []
     for seed in seeds:  # the part is rewritten after every seed, so a long study can be stopped early
         if args.what == "04":
