@@ -80,6 +80,7 @@ def test_claim_clip_cuts_peak_cheaply_fails_when_the_clip_costs_loss():
 
 def test_claim_clip_fades_as_lr_decays_holds_when_only_the_decayed_run_fades():
     assert c.clip_fades_as_lr_decays([0, 28, 42, 33, 10, 5], [0, 30, 40, 38, 35, 37])
+    assert c.clip_fades_as_lr_decays([0, 42, 50, 43, 34, 18], [0, 42, 49, 48, 49, 46])  # seed 1: fades less, still half
 
 
 def test_claim_clip_fades_as_lr_decays_fails_on_a_run_that_keeps_clipping_or_never_clips(tiny_runs):
