@@ -65,14 +65,14 @@ def verdicts_04(table, runs, long, constant) -> dict:
 def study_06(seeds, progress: bool = False):
     """Notebook 02's comparison runs (ci scale) for `seeds`, as notebook 06 runs them: a list of RunResults."""
     from ..balance import METHODS
-    from .expert_parallel import balancing_specs
-
     from .experiments import run_sweep
+    from .expert_parallel import balancing_specs
 
     return run_sweep([s for seed in seeds for s in balancing_specs(seed, METHODS)], progress=progress)
 
 
 def verdicts_06(runs) -> dict:
+    """Notebook 06's checked claim on the runs of one or more seeds, and (not claimed) loss-free against aux loss."""
     from .claims import dispatch as c
     from .expert_parallel import straggler_table
 

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from .experiments import RunResult
 
-__all__ = ["summarize", "optimizer_group", "best_runs", "tokens_to_reach", "significant", "format_summary"]
+__all__ = ["summarize", "optimizer_group", "best_runs", "tokens_to_reach", "significant", "format_summary", "sweep_specs",
+           "long_specs", "clips_per_part"]
 
 
 def summarize(results: Sequence[RunResult], tail: int = 20):
@@ -148,8 +149,6 @@ def long_specs(spec, factor: int = 2):
 
 def clips_per_part(history, steps: int, parts: int = 6):
     """Steps with at least one clipped head in each of `parts` equal parts of a `steps`-step run (a list)."""
-    import numpy as np
-
     clipped = (history["qk_clip/heads_clipped"].fillna(0) > 0).to_numpy()
     part = (history["step"].to_numpy() * parts) // steps
     return [int(clipped[part == p].sum()) for p in range(parts)]
