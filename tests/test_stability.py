@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from k2mini.lab.experiments import RunResult, RunSpec
-from k2mini.lab.stability import best_runs, format_summary, optimizer_group, significant, summarize, tokens_to_reach
+from k2mini.lab.stability import (best_runs, clips_per_part, format_summary, long_specs, optimizer_group, significant,
+                                  summarize, sweep_specs, tokens_to_reach)
 
 
 def fake_run(optimizer="adamw", lr=1e-3, tau=100.0, steps=40, val=(3.0, 2.5, 2.2, 2.0), peak=None,
@@ -120,3 +121,25 @@ def test_format_summary():
     assert out["last_clip_step"].tolist() == ["-", "12", "-"]
     one = format_summary(summarize(runs[:2]), logit_digits=3, loss_decimals=3, columns=["peak_max_logit", "final_val_loss"])
     assert one.to_dict("list") == {"peak_max_logit": ["12.3", "5.00"], "final_val_loss": ["2.000", "2.000"]}
+
+
+def test_sweep_specs_is_every_optimizer_at_every_lr_plus_k2s_tau_at_the_largest():
+    specs = sweep_specs(preset="k2-micro", steps=60, lrs=[1e-2, 3e-2, 1e-1, 3e-1], tau=30.0, tau_k2=100.0,
+                        weight_decay=0.1, batch_size=8, seq_len=128, seed=2)
+    assert [optimizer_group(s) for s in specs] == ["adamw"] * 4 + ["muon"] * 4 + ["muonclip tau=30"] * 4 + ["muonclip tau=100"] * 3
+    assert [s.lr for s in specs[-3:]] == [3e-2, 1e-1, 3e-1]
+    assert all(s.seed == s.batch_seed == 2 and s.eval_every == 10 and s.get("warmup_steps") == 6 for s in specs)
+
+
+def test_long_specs_scale_the_run_and_the_control_differs_only_in_its_schedule():
+    spec = RunSpec(optimizer="muonclip", lr=0.1, tau=30.0, steps=150, eval_every=25,
+                   train={"schedule": "cosine", "warmup_steps": 15})
+    longer, constant = long_specs(spec)
+    assert (longer.steps, longer.eval_every, longer.get("warmup_steps"), longer.get("schedule")) == (300, 50, 30, "cosine")
+    assert constant.get("schedule") == "constant" and constant.replace(train={"schedule": "cosine"}) == longer
+
+
+def test_clips_per_part_counts_steps_with_a_clipped_head():
+    h = pd.DataFrame({"step": range(12), "qk_clip/heads_clipped": [0, 1, 2, 0, 0, 0, 3, 0, 1, 1, 1, 0]})
+    assert clips_per_part(h, 12, parts=3) == [2, 1, 3]
+    assert clips_per_part(h, 12, parts=6) == [1, 1, 0, 1, 2, 1]

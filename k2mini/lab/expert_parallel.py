@@ -29,6 +29,32 @@ def straggler_factor(load, degree: int):
     return (per_rank.amax(-1) / per_rank.mean(-1).clamp_min(1e-12)).numpy()
 
 
+def balancing_specs(seed: int, methods, steps: int = 200):
+    """Notebook 02's comparison runs (its ci settings) for one seed, one per balancing method: the same
+    specs, so a run cache that notebook 02 filled serves them."""
+    from .experiments import RunSpec
+
+    base = RunSpec(optimizer="adamw", lr=3e-3, steps=steps, preset="k2-micro", config={"num_hidden_layers": 3},
+                   batch_size=16, seq_len=64, eval_every=50, eval_batches=16,
+                   train={"schedule": "cosine", "warmup_steps": 20})
+    return [base.replace(seed=seed, train={"balancing": m, "bias_update_speed": 1e-2 if m.startswith("loss_free") else 0.0},
+                         label=m) for m in methods]
+
+
+def straggler_table(runs, degrees, last: int = 50):
+    """One row per run: seed, balancing method, and per degree the straggler factor averaged over the
+    last `last` logged steps and the MoE layers (columns named by the degree)."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        loads = run.loads[-last:]  # (steps, MoE layers, E) token-slots per step
+        row = {"seed": run.spec.seed, "balancing": run.spec.get("balancing")}
+        row.update({d: float(straggler_factor(loads, d).mean()) for d in degrees})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def distinct_groups(indices: torch.Tensor, n_experts: int, n_groups: int) -> torch.Tensor:
     """How many of `n_groups` equal blocks of experts (nodes) each token's chosen experts touch: (N,)."""
     group = indices // (n_experts // n_groups)  # (N, k)

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from .experiments import RunResult
 
-__all__ = ["summarize", "optimizer_group", "best_runs", "tokens_to_reach", "significant", "format_summary"]
+__all__ = ["summarize", "optimizer_group", "best_runs", "tokens_to_reach", "significant", "format_summary", "sweep_specs",
+           "long_specs", "clips_per_part"]
 
 
 def summarize(results: Sequence[RunResult], tail: int = 20):
@@ -123,3 +124,31 @@ def format_summary(table, *, logit_digits: int = 2, loss_decimals: int = 2, colu
         else:
             out[c] = col.astype(str) if col.dtype == bool else col
     return out.reset_index(drop=True)
+
+
+def sweep_specs(*, preset: str, steps: int, lrs: Sequence[float], tau: float, tau_k2: float, weight_decay: float,
+                batch_size: int, seq_len: int, seed: int):
+    """Notebook 04's sweep: AdamW, Muon and MuonClip(tau) at every lr, plus MuonClip(tau_k2) at the three
+    largest, all on the same tokens and seed, with a cosine schedule and 10% warm-up."""
+    from .experiments import RunSpec
+
+    common = dict(preset=preset, steps=steps, weight_decay=weight_decay, batch_size=batch_size, seq_len=seq_len,
+                  seed=seed, data_seed=seed, eval_every=steps // 6, eval_batches=4,
+                  train={"schedule": "cosine", "warmup_steps": steps // 10})
+    specs = [RunSpec(optimizer=k, lr=lr, tau=tau, **common) for k in ("adamw", "muon", "muonclip") for lr in lrs]
+    return specs + [RunSpec(optimizer="muonclip", lr=lr, tau=tau_k2, **common) for lr in lrs[-3:]]
+
+
+def long_specs(spec, factor: int = 2):
+    """`spec` run `factor` times as long (warm-up and evaluations scaled with it), with the cosine decay,
+    and the same run at a constant learning rate (the control: nothing decays)."""
+    steps = factor * spec.steps
+    longer = spec.replace(steps=steps, eval_every=steps // 6, train={"warmup_steps": steps // 10})
+    return longer, longer.replace(train={"schedule": "constant"}, label=f"{longer.name} constant lr")
+
+
+def clips_per_part(history, steps: int, parts: int = 6):
+    """Steps with at least one clipped head in each of `parts` equal parts of a `steps`-step run (a list)."""
+    clipped = (history["qk_clip/heads_clipped"].fillna(0) > 0).to_numpy()
+    part = (history["step"].to_numpy() * parts) // steps
+    return [int(clipped[part == p].sum()) for p in range(parts)]

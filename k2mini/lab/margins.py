@@ -1,0 +1,156 @@
+"""How far each checked claim of notebooks 04 and 06 holds on other seeds and float kernels.
+
+A notebook checks its claims on one seed under the kernels of the machine that runs it; this module
+re-runs the notebook's own study for another seed (and, run under ``ATEN_CPU_CAPABILITY=default`` or
+``MKL_CBWR=COMPATIBLE``, other kernels), evaluates the same claim functions and writes one row per
+claim: whether it held and its margin. The rows of all (kernel, seed) pairs are merged into a
+committed record that the notebook prints, so the spread it quotes is one it shows.
+
+    K2MINI_RUN_CACHE=cache-default ATEN_CPU_CAPABILITY=default \\
+        python -m k2mini.lab.margins 04 --seed 1 --kernels default --out part-04-default-1.json
+    python -m k2mini.lab.margins merge data/runs/04_claim_margins.json part-04-*.json
+
+Use one run cache per kernel path: the cache reuses a run whatever kernels made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["study_04", "study_06", "verdicts_04", "verdicts_06", "read_margins", "MARGIN_FORMAT"]
+
+MARGIN_FORMAT = 1
+
+# notebook 04's ci parameters (its parameters cell)
+NB04 = dict(preset="k2-micro", steps=150, lrs=[1e-2, 3e-2, 1e-1], tau=30.0, tau_k2=100.0, weight_decay=0.1,
+            batch_size=8, seq_len=128)
+# notebook 06's: notebook 02's comparison runs (ci) and the degree the dispatch claim is checked at
+NB06 = dict(last=50, degree=4)
+
+
+def study_04(seed: int, progress: bool = False):
+    """Notebook 04's ci sweep, long run and its constant-lr control for `seed`: (table, runs, long, constant)."""
+    from .experiments import run_sweep
+    from .stability import long_specs, summarize, sweep_specs
+
+    specs = sweep_specs(seed=seed, **NB04)
+    runs = run_sweep(specs, progress=progress)
+    clip_top = next(s for s in specs if s.optimizer == "muonclip" and s.tau == NB04["tau"] and s.lr == NB04["lrs"][-1])
+    long, constant = run_sweep(list(long_specs(clip_top)), progress=progress)
+    return summarize(runs), runs, long, constant
+
+
+def verdicts_04(table, runs, long, constant) -> dict:
+    """Every checked claim of notebook 04 on one sweep, by name."""
+    from .claims import stability as c
+    from .stability import best_runs, clips_per_part
+
+    top, tau = NB04["lrs"][-1], NB04["tau"]
+    best = {r.spec.optimizer: r for r in best_runs(runs)}
+    return {
+        "clip_caps_fresh_logits": c.clip_caps_fresh_logits(table, lr=top, tau=tau),
+        "clip_cuts_peak_cheaply": c.clip_cuts_peak_cheaply(table, lr=top, tau=tau),
+        "clip_fades_as_lr_decays": c.clip_fades_as_lr_decays(clips_per_part(long.history, long.spec.steps),
+                                                             clips_per_part(constant.history, constant.spec.steps)),
+        "adamw_logits_exceed_muon": c.adamw_logits_exceed_muon(table),
+        "muon_beats_adamw": c.muon_beats_adamw(best["muon"], best["adamw"]),
+    }
+
+
+def study_06(seeds, progress: bool = False):
+    """Notebook 02's comparison runs (ci scale) for `seeds`, as notebook 06 runs them: a list of RunResults."""
+    from ..balance import METHODS
+    from .experiments import run_sweep
+    from .expert_parallel import balancing_specs
+
+    return run_sweep([s for seed in seeds for s in balancing_specs(seed, METHODS)], progress=progress)
+
+
+def verdicts_06(runs) -> dict:
+    """Notebook 06's checked claim on the runs of one or more seeds, and (not claimed) loss-free against aux loss."""
+    from .claims import dispatch as c
+    from .expert_parallel import straggler_table
+
+    table = straggler_table(runs, degrees=[NB06["degree"]], last=NB06["last"])
+    return {"balancing_cuts_stragglers": c.balancing_cuts_stragglers(table, degree=NB06["degree"]),
+            "loss_free_below_aux_loss (not claimed)": c.balancing_cuts_stragglers(
+                table, degree=NB06["degree"], methods=("loss_free",), baseline="aux_loss", by=0.0)}
+
+
+def _kernels() -> str:
+    parts = [os.environ.get("ATEN_CPU_CAPABILITY") or "native"]
+    if os.environ.get("MKL_CBWR"):
+        parts.append(f"MKL_CBWR={os.environ['MKL_CBWR']}")
+    return " ".join(parts)
+
+
+def _rows(notebook: str, seed: int, verdicts: dict) -> list[dict]:
+    return [{"notebook": notebook, "kernels": _kernels(), "seed": seed, "claim": name, "holds": bool(v.holds),
+             "margin": float(v.margin), "detail": v.detail} for name, v in verdicts.items()]
+
+
+def read_margins(path):
+    """(metadata, table) of a merged margins record: one row per (kernels, seed, claim)."""
+    import pandas as pd
+
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    if record.get("format") != MARGIN_FORMAT:
+        raise ValueError(f"{path}: margins record format {record.get('format')!r}, this code reads {MARGIN_FORMAT}")
+    return {k: v for k, v in record.items() if k != "rows"}, pd.DataFrame(record["rows"])
+
+
+def _write(path: Path, obj) -> None:
+    from .experiments import write_json
+
+    write_json(Path(path), obj)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m k2mini.lab.margins", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["04", "06", "merge"])
+    p.add_argument("paths", nargs="*", help="merge: the output record, then the parts")
+    p.add_argument("--seed", type=int, action="append", help="seed (repeatable; 06 runs all its seeds together)")
+    p.add_argument("--out", help="where the part goes (JSON)")
+    args = p.parse_args(argv)
+    if args.what == "merge":
+        out, parts = args.paths[0], args.paths[1:]
+        rows, commands = [], []
+        for part in parts:
+            with open(part, encoding="utf-8") as f:
+                d = json.load(f)
+            rows += d["rows"]
+            commands.append(d["command"])
+        from .experiments import machine_description
+
+        _write(Path(out), {"format": MARGIN_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "machine": machine_description(), "commands": commands, "rows": rows})
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    seeds = args.seed or [0]
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR") if os.environ.get(k))
+    words = [Path(w).name if w == args.out else w for w in (sys.argv[1:] if argv is None else argv)]  # no machine paths
+    command = f"{env + ' ' if env else ''}python -m k2mini.lab.margins {' '.join(words)}"
+    rows = []
+    for seed in seeds:  # the part is rewritten after every seed, so a long study can be stopped early
+        if args.what == "04":
+            new = _rows("04", seed, verdicts_04(*study_04(seed)))
+        else:
+            new = _rows("06", seed, verdicts_06(study_06([seed])))
+        rows += new
+        _write(Path(args.out), {"command": command, "rows": rows})
+        for r in new:
+            print(f"{r['kernels']:>10s} seed {r['seed']}  {r['claim']:26s} {'holds' if r['holds'] else 'FAILS'}  "
+                  f"margin {r['margin']:+.3f}  {r['detail']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
