@@ -180,6 +180,11 @@ def main():
     for shape in args.shapes.split(","):
         results[shape] = sweep(shape, args.steps, list(range(args.seeds)), paths, anchor_1, args.threads)
     fixed, per_seq = where_time_goes(max(args.steps, 8), args.threads, anchor_1)
+    torch.set_num_threads(1)
+    again = matmul_rate(1)
+    torch.set_num_threads(args.threads)
+    print(f"anchor again at the end: {again:.1f} GFLOP/s on 1 thread (the shares above use the start's "
+          f"{anchor_1:.1f}; the machine's load moves both)")
     if "05" in results:
         best = max(results["05"], key=lambda p: results["05"][p][0])
         speedup = results["05"][best][0] / results["05"]["today"][0]
