@@ -57,6 +57,13 @@ class GradOnly:
             return self.eager(*args, **kwargs)
         return self.compiled(*args, **kwargs)
 
+    def __deepcopy__(self, memo):
+        """The compiled code is bound to the original module: a copied model's part runs eager (its own
+        forward), never the original's weights; compile the copy again for speed."""
+        import copy
+
+        return copy.deepcopy(self.eager, memo)
+
 
 def settings(threads: int) -> str:
     """The settings a verdict holds for, in words."""

@@ -53,3 +53,21 @@ def test_compiled_code_runs_only_while_autograd_records():
     with pytest.warns(RuntimeWarning, match="running eager"):
         g(x)
     assert calls[-1] == "eager"
+
+
+def test_a_deep_copy_runs_its_own_weights_eager(monkeypatch):
+    """The compiled callables are bound to the original module; a copy must not run the original's weights."""
+    import copy
+
+    import k2mini.compile_guard as guard
+
+    monkeypatch.setattr(guard, "check_compile", lambda *a, **k: None)
+    # no compilation here: like torch.compile's wrapper, a closure over the original module's forward
+    monkeypatch.setattr(torch, "compile", lambda f, **k: (lambda *a, **kw: f(*a, **kw)))
+    model = K2ForCausalLM(CONFIG).compile_layers()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.norm.weight.mul_(2)
+    x = torch.randn(1, 3, CONFIG.hidden_size)
+    assert torch.allclose(twin.model.norm(x), 2 * model.model.norm(x))
+    assert not isinstance(twin.model.norm.forward, GradOnly) and twin.model.norm.forward.__self__ is twin.model.norm
