@@ -83,12 +83,13 @@ def sweep_specs(shape: str, steps: int, seeds: list[int]):
 
     if shape == "05":
         base = RunSpec(preset="k2-micro", config={"num_hidden_layers": 3, "num_experts_per_tok": 4, "moe_intermediate_size": 16},
-                       optimizer="adamw", lr=5e-3, steps=steps, batch_size=16, seq_len=64, eval_every=steps, eval_batches=16,
+                       optimizer="adamw", lr=5e-3, steps=steps, batch_size=16, seq_len=64, eval_every=steps,
+                       eval_batches=max(1, round(4 * 16 * steps / 200)),  # the notebook's 4 x 16 batches per 200 steps
                        train={"balancing": "loss_free", "bias_update_speed": 1e-2, "schedule": "cosine", "warmup_steps": 20})
         return [base.replace(config={**base.config_overrides, "n_routed_experts": e}, seed=s, label=f"E={e} seed {s}")
                 for e in (8, 16, 32, 64) for s in seeds]
     common = dict(preset="k2-micro", steps=steps, weight_decay=0.1, batch_size=8, seq_len=128, eval_every=steps,
-                  eval_batches=4, train={"schedule": "cosine", "warmup_steps": max(1, steps // 10)})
+                  eval_batches=max(1, round(6 * 4 * steps / 150)), train={"schedule": "cosine", "warmup_steps": max(1, steps // 10)})
     return [RunSpec(optimizer=k, lr=3e-2, tau=30.0, seed=s, data_seed=s, label=f"{k} seed {s}", **common)
             for k in ("adamw", "muon", "muonclip") for s in seeds]
 
@@ -141,7 +142,7 @@ def sweep(shape: str, steps: int, seeds: list[int], paths: list[str], anchor: An
     flops = sum(step_flops(s.model_config(), s.batch_size, s.seq_len) * s.steps for s in specs)
 
     def report():
-        print(f"\nnotebook {shape} shape: {len(specs)} runs x {steps} steps (one evaluation each), {threads} thread(s)")
+        print(f"\nnotebook {shape} shape: {len(specs)} runs x {steps} steps (evaluation batches in the notebook's proportion; shares count training FLOPs only), {threads} thread(s)")
         return _table(paths, walls, worst, tokens, flops, threads, anchor.best)
     return report
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ PROBE_TOLERANCE = 1e-4  # max abs logit difference, and gradient difference rela
 PROBE_TIMEOUT_S = 900  # a cold compile of the probe takes 20-120 s on 2 busy cores
 
 _verdicts: dict[str, str | None] = {}
+_SAYS_WHY = re.compile(r"error|exception|corrupt|free\(\)|abort|fault|killed", re.IGNORECASE)
 
 
 class CompileUnsafeError(RuntimeError):
@@ -103,7 +105,10 @@ def _run_probe(request: str, threads: int, probe_code: str | None) -> str | None
 
 def verdict(returncode: int, stdout: str, stderr: str) -> str | None:
     """The reason in a probe's exit, or None when it ran and compiled equalled eager."""
-    tail = " | ".join(line.strip() for line in stderr.strip().splitlines()[-3:] if line.strip())
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    # the informative lines: the exception's and the compiler's, not torch's advice on logging
+    said = [line for line in lines if _SAYS_WHY.search(line)]
+    tail = " | ".join(dict.fromkeys(said[:2] + said[-1:] if said else lines[-3:]))[:600]
     if returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else returncode
         return f"the probe process was killed by {name} (a crash inside compiled code){': ' + tail if tail else ''}"
