@@ -130,8 +130,11 @@ def sweep(shape: str, steps: int, seeds: list[int], paths: list[str], anchor: An
 
     specs = sweep_specs(shape, steps, seeds)
     walls, worst = {p: 0.0 for p in paths}, {p: 0.0 for p in paths}
+    noise = None
     for spec in tqdm(specs, desc=f"notebook {shape} sweep"):
         data = PreparedBatches(_dataset(spec.corpus), spec.batch_size, spec.seq_len, spec.batch_seed)
+        if noise is None:  # the same path twice: run-to-run differences (zero on 1 thread; 2 threads are not bitwise)
+            noise = float(np.abs(run(spec, "before", data)[0] - run(spec, "before", data)[0]).max())
         losses = {}
         anchor.measure(threads)
         for p in paths:  # interleaved: background load hits every path alike
@@ -143,20 +146,22 @@ def sweep(shape: str, steps: int, seeds: list[int], paths: list[str], anchor: An
 
     def report():
         print(f"\nnotebook {shape} shape: {len(specs)} runs x {steps} steps (evaluation batches in the notebook's proportion; shares count training FLOPs only), {threads} thread(s)")
-        return _table(paths, walls, worst, tokens, flops, threads, anchor.best)
+        tol = max(LOSS_TOL, 2 * noise)
+        print(f"the same path run twice differs by {noise:.1e} in loss; paths count as equal within {tol:.1e}")
+        return _table(paths, walls, worst, tokens, flops, threads, anchor.best, tol)
     return report
 
 
-def _table(paths, walls, worst, tokens, flops, threads, anchor_1):
+def _table(paths, walls, worst, tokens, flops, threads, anchor_1, tol):
     table, out = [], {}
     for p in paths:
         rate = flops / walls[p] / 1e9
         share = rate / threads / anchor_1
         out[p] = (tokens / walls[p], share)
         table.append((p, f"{walls[p]:.1f}", f"{tokens / walls[p]:,.0f}", f"{walls['before'] / walls[p]:.2f}x",
-                      f"{rate:.1f}", f"{share:.1%}", f"{worst[p]:.1e}", "yes" if worst[p] <= LOSS_TOL else "NO"))
+                      f"{rate:.1f}", f"{share:.1%}", f"{worst[p]:.1e}", "yes" if worst[p] <= tol else "NO"))
     print_table(table, ("path", "wall s", "tokens/s", "vs before", "GFLOP/s", "per core / anchor", "max |dloss|",
-                        f"losses equal (<= {LOSS_TOL})"))
+                        "losses equal"))
     return out
 
 
