@@ -123,19 +123,16 @@ class MuonAdamW(Muon, TakesMaxLogits):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
-        # foreach=None: the multi-tensor form on every device (torch picks the per-tensor loop on CPU):
-        # the same arithmetic per element, bit for bit, in ~10 ops per group instead of ~10 per parameter
         adamw_functional(
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            foreach=True if group["foreach"] is None else group["foreach"], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            foreach=group["foreach"], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
-        # The update AdamW just applied (decay excluded), rebuilt from its state: lr m_hat / (sqrt(v_hat) + eps),
-        # elementwise as AdamW computes it, over the whole group in multi-tensor ops
-        ts = [float(t) for t in steps]
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denoms, [math.sqrt(1 - beta2**t) for t in ts])
-        torch._foreach_add_(denoms, group["eps"])
-        norms = torch._foreach_norm(torch._foreach_div(exp_avgs, denoms))
-        step_sizes = torch.tensor([(float(group["lr"]) / (1 - beta1**t)) ** 2 for t in ts], device=norms[0].device)
-        return (torch.stack(norms).float().square() * step_sizes).sum().to(params[0].device)
+        # The update AdamW just applied (decay excluded), rebuilt from its state: lr m_hat / (sqrt(v_hat) + eps).
+        sumsq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        for m, v, t in zip(exp_avgs, exp_avg_sqs, steps):
+            t = float(t)
+            step_size = float(group["lr"]) / (1 - beta1**t)
+            denom = v.sqrt() / math.sqrt(1 - beta2**t) + group["eps"]
+            sumsq += step_size**2 * torch.linalg.vector_norm(m / denom, dtype=torch.float32).square().to(sumsq.device)
+        return sumsq
