@@ -133,21 +133,35 @@ class K2ForCausalLM(nn.Module):
     def moe_layers(self) -> list[DecoderLayer]:
         return [layer for layer in self.model.layers if layer.is_moe]
 
-    def compile_layers(self, **compile_kwargs) -> "K2ForCausalLM":
+    def compile_layers(self, check: bool = True, **compile_kwargs) -> "K2ForCausalLM":
         """Opt-in torch.compile of every layer's static-shaped parts, in place: attention, norms, dense
         FFNs, shared experts. The routed experts stay eager: how many tokens each expert gets changes
         every step, and tracing those shapes costs more than it saves. Same function, to float
         tolerance (inductor fuses the elementwise work); the first steps pay the compilation
-        (about a minute on 2 CPU cores). Meant for training at one batch shape: a new shape (each
-        decoding step's length) compiles again. benchmarks/bench_train_step.py --compile measures it.
+        (about a minute on 2 CPU cores). benchmarks/bench_train_step.py --compile measures it.
+
+        Safe by construction (k2mini/compile_guard.py): the compiled code runs only while autograd records
+        (training steps) at the thread count checked here; under no_grad or inference mode (`evaluate`,
+        `generate`) every part runs eager. With `check` (the default) a child process first compiles a
+        two-layer model of this config with this environment and thread count and compares it with eager;
+        if it crashes, fails or differs, this raises CompileUnsafeError naming the reason and the settings,
+        and the model stays eager. torch.compile on CPU has aborted with heap corruption under no_grad
+        with 2 threads, and returned garbage under ATEN_CPU_CAPABILITY=avx2, on some machines.
         """
+        from .compile_guard import CompileUnsafeError, GradOnly, check_compile, settings
+
+        threads = torch.get_num_threads()
+        if check and (reason := check_compile(self.config, threads, compile_kwargs)) is not None:
+            raise CompileUnsafeError(f"compile_layers() refused: torch.compile is not safe with {settings(threads)}: "
+                                     f"{reason}. The model stays eager (same results, no compilation).")
+        parts = [self.model.norm]
         for layer in self.model.layers:
-            parts = [layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm]
-            parts.append(layer.mlp.shared_experts if layer.is_moe else layer.mlp)
-            for part in parts:
-                if part is not None:
-                    part.compile(**compile_kwargs)
-        self.model.norm.compile(**compile_kwargs)
+            parts += [layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm,
+                      layer.mlp.shared_experts if layer.is_moe else layer.mlp]
+        for part in parts:
+            if part is not None:
+                eager = part.forward.eager if isinstance(part.forward, GradOnly) else part.forward
+                part.forward = GradOnly(eager, torch.compile(eager, **compile_kwargs), threads)
         return self
 
     def _check_ids(self, input_ids: torch.Tensor):
