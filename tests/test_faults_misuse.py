@@ -99,6 +99,8 @@ def _sweep_env(tmp_path):
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT)
     return dict(child_env(), FAULTS_CORPUS=str(corpus), FAULTS_CACHE=str(tmp_path / "cache"))
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_sweep_whose_worker_is_killed_fails_clearly_and_keeps_the_finished_run(tmp_path):
@@ -110,12 +112,26 @@ def test_a_sweep_whose_worker_is_killed_fails_clearly_and_keeps_the_finished_run
     assert "RuntimeError: run_sweep: a worker process died" in done.stdout and "['run1']" in done.stdout, done
     cached = [json.loads(p.read_text())["label"] for p in (tmp_path / "cache").glob("*.json")]
     assert cached == ["run0"]
+
+
 @pytest.mark.multiprocess
 def test_a_parallel_sweep_started_from_a_script_read_on_stdin_fails_clearly(tmp_path):
     """Used to start workers without end (each failed to import '<stdin>'); stopped after 6 minutes."""
     done = subprocess.run([sys.executable, "-"], input=SWEEP, env=_sweep_env(tmp_path), capture_output=True,
                           text=True, timeout=60)
     assert "RuntimeError: run_sweep(jobs=2): worker processes start by importing the main script, and '<stdin>'" \
+        in done.stdout, done
+
+
+@pytest.mark.multiprocess
+def test_a_parallel_sweep_in_a_script_without_a_main_guard_says_so(tmp_path):
+    """Each spawned worker imports the script and so starts the sweep again: said by name, not as a death."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(SWEEP.replace("if __name__ == \"__main__\":", "if True:"))
+    done = subprocess.run([sys.executable, str(script)], env=_sweep_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert 'must start it under `if __name__ == "__main__":`' in done.stdout + done.stderr, done  # from a worker
+    assert "RuntimeError: run_sweep: a worker process died" in done.stdout and "failed to import the main script" \
         in done.stdout, done
 
 

@@ -602,6 +602,11 @@ def _in_workers(specs: list[RunSpec], todo: list[int], jobs: int):
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
+    if getattr(mp.current_process(), "_inheriting", False):  # a spawned worker importing the caller's script
+        raise RuntimeError(
+            f"run_sweep(jobs={jobs}) was called while a worker process was importing the main script to start: "
+            'a script that runs a sweep with jobs > 1 must start it under `if __name__ == "__main__":`'
+        )
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     if main is not None and not os.path.exists(main):
         raise RuntimeError(
@@ -626,9 +631,9 @@ def _in_workers(specs: list[RunSpec], todo: list[int], jobs: int):
             raise failed
         if lost:
             raise RuntimeError(
-                f"run_sweep: a worker process died (killed, or out of memory?) and took {len(lost)} unfinished "
-                f"run(s) with it: {lost}. The runs that finished are cached; run the sweep again (jobs=1, or "
-                "fewer jobs if memory is short) to train the rest"
+                f"run_sweep: a worker process died (killed, out of memory, or it failed to import the main "
+                f"script: see above) and took {len(lost)} unfinished run(s) with it: {lost}. The runs that finished "
+                "are cached; run the sweep again (jobs=1, or fewer jobs if memory is short) to train the rest"
             )
     finally:
         for f in futures:
