@@ -196,7 +196,9 @@ class K2ForCausalLM(nn.Module):
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=input_ids.device)
         inv_freq = self.inv_freq
-        if rope_type(self.config) == "dynamic":  # NTK-aware: the frequencies follow this call's length
+        if start + T > self.config.max_position_embeddings and rope_type(self.config) == "dynamic":
+            # NTK-aware past the trained length: the frequencies follow this call's length (up to it they are
+            # the stored ones, so the common case recomputes nothing)
             inv_freq = rope_frequencies(self.config, seq_len=start + T)[0].to(input_ids.device)
         cos, sin = rope_cos_sin(positions, inv_freq, self.rope_attention_factor)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
