@@ -2,8 +2,8 @@
 
 The names below are the public API. Subpackages load on first use: `k2mini.optim` (Muon, MuonClip,
 qk_clip_), `k2mini.analysis` (router summaries, streamed activations), `k2mini.lab` (what the
-notebooks run and draw: experiments, studies, plots, pretrained minis; the library never imports it).
-`k2mini.pretrained_mini` is forwarded to `k2mini.lab` on first use.
+notebooks run and draw: experiments, studies, plots, pretrained minis, `k2mini.lab.pretrained_mini`).
+The arrows point one way: `import k2mini.lab` to use the lab; nothing here imports it, not even lazily.
 """
 
 import importlib
@@ -32,20 +32,17 @@ __all__ = [
     "fetch_corpus",
     "load_corpus",
     "make_dataset",
-    "pretrained_mini",
     "train",
     "TrainConfig",
     "NonFiniteLossError",
 ]
 
 _SUBMODULES = {
-    "optim", "analysis", "balance", "checkpoint", "moe", "attention", "rope", "norm", "lab",
+    "optim", "analysis", "balance", "checkpoint", "moe", "attention", "rope", "norm",
 }
 
 
 def __getattr__(name: str):
-    if name == "pretrained_mini":  # lives in the lab; forwarded so `k2mini.pretrained_mini(...)` keeps working
-        return importlib.import_module(".lab", __name__).pretrained_mini
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'k2mini' has no attribute {name!r}")

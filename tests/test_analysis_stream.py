@@ -10,7 +10,7 @@ import k2mini
 from checkpoint_factory import fp8_checkpoint
 from http_range_server import RangeServer
 from reference import randomize_
-from k2mini.analysis import stats, stream as stream_mod, stream_activations
+from k2mini.analysis import routing_stats as stats, stream as stream_mod, stream_activations
 from k2mini.checkpoint import CheckpointError, save_pretrained
 from k2mini.rope import rope_cos_sin
 

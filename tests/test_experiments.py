@@ -108,7 +108,7 @@ def fake_package(tmp_path, monkeypatch):
     """A copy of the package's layout in tmp_path, so that editing files there is safe."""
     pkg = tmp_path / "k2mini"
     for rel in ("__init__.py", "model.py", "moe.py", "optim/muon.py", "lab/experiments.py", "lab/plots.py",
-                "analysis/stats.py", "analysis/__main__.py", "checkpoint/load.py"):
+                "analysis/routing_stats.py", "analysis/__main__.py", "checkpoint/load.py"):
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text(f"# {rel}\n")
     monkeypatch.setattr(ex, "_PACKAGE_DIR", pkg)
@@ -128,7 +128,7 @@ def test_editing_training_code_changes_the_key_other_code_keeps_it(fake_package)
         return spec.key()
 
     k = spec.key()
-    for rel in ("lab/plots.py", "analysis/stats.py", "analysis/__main__.py", "checkpoint/load.py"):
+    for rel in ("lab/plots.py", "analysis/routing_stats.py", "analysis/__main__.py", "checkpoint/load.py"):
         assert key_after(rel, "# edited\n") == k, rel
     (fake_package / "lab" / "new_plot.py").write_text("x = 1\n")  # a new lab file
     ex.training_code_digest.cache_clear()

@@ -10,7 +10,7 @@ import torch
 
 import k2mini
 from checkpoint_factory import fp8_checkpoint
-from k2mini.analysis import stats, stream as stream_mod, stream_activations
+from k2mini.analysis import routing_stats as stats, stream as stream_mod, stream_activations
 from k2mini.analysis.params import hf_tensor_shapes
 from k2mini.checkpoint.names import hf_tensors
 from k2mini.moe import ExpertProvider, Experts, MoE, route

@@ -56,8 +56,11 @@ def test_public_names_the_issues_promise():
 
     import k2mini
 
-    for name in ("K2Config", "K2ForCausalLM", "load_pretrained", "save_pretrained", "pretrained_mini", "train"):
+    import k2mini.lab
+
+    for name in ("K2Config", "K2ForCausalLM", "load_pretrained", "save_pretrained", "train"):
         assert callable(getattr(k2mini, name)), name
+    assert callable(k2mini.lab.pretrained_mini)  # the lab's: the package root does not forward to it
     assert "optimizer" in inspect.signature(k2mini.train).parameters  # the function, not the module
     assert callable(k2mini.optim.Muon) and callable(k2mini.optim.qk_clip_)
     assert callable(k2mini.analysis.router_summary) and callable(k2mini.analysis.stream_activations)
@@ -86,3 +89,45 @@ def test_the_library_never_imports_the_lab_nor_its_libraries():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _core_files():
+    return sorted(p for p in (ROOT / "k2mini").rglob("*.py") if "lab" not in p.relative_to(ROOT / "k2mini").parts)
+
+
+def _lab_imports(path, package: str | None = None) -> list[str]:
+    """Every place in `path` that imports k2mini.lab: import statements at any depth (inside functions
+    too, relative or absolute) and `importlib.import_module` calls whose name mentions the lab."""
+    import ast
+
+    package = package or ".".join(path.relative_to(ROOT).parent.parts)  # e.g. k2mini.checkpoint
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names = [module] + [f"{module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            names = [n.replace(".", "k2mini.", 1) if n.startswith(".") else n for n in names]
+        found += [f"{path.name}:{node.lineno} {n}" for n in names if n == "k2mini.lab" or n.startswith("k2mini.lab.")]
+    return found
+
+
+def test_no_core_module_imports_the_lab_even_lazily():
+    """The arrows point down: no import of k2mini.lab anywhere in the core's source, the package root and
+    function-level imports included (the test above only sees what importing the modules loads)."""
+    bad = [hit for path in _core_files() for hit in _lab_imports(path)]
+    assert not bad, bad
+
+
+def test_the_lab_import_scan_sees_lazy_and_relative_imports(tmp_path):
+    """The scan's control: the forms a lazy upward import takes are all found."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import importlib\n\ndef f():\n    from ..lab import plots\n    import k2mini.lab.records\n"
+                     "    return importlib.import_module('.lab', 'k2mini')\n")
+    hits = _lab_imports(probe, package="k2mini.checkpoint")
+    assert len(hits) == 4, hits  # `..lab`, `..lab.plots`, `k2mini.lab.records`, import_module('.lab')

@@ -21,13 +21,13 @@ def tiny_recipe(monkeypatch, tmp_path):
 
 
 def test_trains_once_then_loads_from_cache(tiny_recipe):
-    path = k2mini.pretrained_mini("tiny", root=tiny_recipe, progress=False)
+    path = k2mini.lab.pretrained_mini("tiny", root=tiny_recipe, progress=False)
     record = json.loads((path / "training.json").read_text())
     assert record["recipe"]["steps"] == 3 and record["final_val_loss"] > 0
     config = json.loads((path / "config.json").read_text())
     assert config["quantization_config"]["fmt"] == "e4m3"  # K2's fp8 format
     stamp = os.stat(path / "training.json").st_mtime_ns
-    assert k2mini.pretrained_mini("tiny", root=tiny_recipe, progress=False) == path
+    assert k2mini.lab.pretrained_mini("tiny", root=tiny_recipe, progress=False) == path
     assert os.stat(path / "training.json").st_mtime_ns == stamp  # not retrained
     # the same weights as K2-Thinking stores them and unquantized; no temporary directories left
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + "-float32", path.name + "-int4"]
@@ -54,7 +54,7 @@ def test_cache_format_change_changes_the_cache_key(tiny_recipe, monkeypatch):
 
 def test_cached_config_is_what_save_pretrained_writes_today(tiny_recipe):
     # a cache written by older code must not be served: its files would differ from a fresh save
-    path = k2mini.pretrained_mini("tiny", root=tiny_recipe, progress=False)
+    path = k2mini.lab.pretrained_mini("tiny", root=tiny_recipe, progress=False)
     fresh = path.parent / "fresh"
     k2mini.save_pretrained(k2mini.load_pretrained(path, progress=False), fresh, fp8=True, progress=False)
     assert (path / "config.json").read_text() == (fresh / "config.json").read_text()
@@ -62,4 +62,4 @@ def test_cached_config_is_what_save_pretrained_writes_today(tiny_recipe):
 
 def test_unknown_mini():
     with pytest.raises(ValueError, match="unknown mini"):
-        k2mini.pretrained_mini("gpt-2")
+        k2mini.lab.pretrained_mini("gpt-2")

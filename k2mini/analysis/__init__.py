@@ -11,8 +11,8 @@ from .params import active_share, component_of, layout_bytes
 from .result import StreamResult
 from .results_file import load_results, save_results
 from .source import parse_layers, resolve_layers
-from .static import router_stats, router_summary
-from .stats import (
+from .router_weights import router_stats, router_summary
+from .routing_stats import (
     centred,
     coactivation_counts,
     coactivation_lift,
@@ -29,7 +29,7 @@ from .stats import (
     weight_sums,
 )
 from .stream import stream_activations
-from .tokenizer import Tokenizer, TokenizerError, encode_batch, load_tokenizer
+from .checkpoint_tokenizer import Tokenizer, TokenizerError, encode_batch, load_tokenizer
 
 __all__ = [
     "router_summary",

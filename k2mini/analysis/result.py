@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import stats
+from . import routing_stats
 
 
 @dataclass
@@ -48,26 +48,26 @@ class StreamResult:
 
     @property
     def mean_weight(self) -> torch.Tensor:
-        return stats.mean_weight(self.weight_sum, self.counts)
+        return routing_stats.mean_weight(self.weight_sum, self.counts)
 
     @property
     def load_share(self) -> torch.Tensor:
-        return stats.load_share(self.counts)
+        return routing_stats.load_share(self.counts)
 
     def layer_frame(self):
         """pandas DataFrame, one row per MoE layer: how evenly its experts were used."""
         import pandas as pd
 
         E, k = self.n_experts, self.top_k
-        hottest = stats.hottest_share(self.counts)
+        hottest = routing_stats.hottest_share(self.counts)
         df = pd.DataFrame(
             {
                 "layer": self.layers,
                 "hottest_expert": self.counts.argmax(-1).tolist(),
                 "hottest_share": hottest.tolist(),
                 "hottest_over_uniform": (hottest * E).tolist(),
-                "unused_experts": stats.unused_experts(self.counts).tolist(),
-                "load_entropy": stats.load_entropy(self.counts).tolist(),
+                "unused_experts": routing_stats.unused_experts(self.counts).tolist(),
+                "load_entropy": routing_stats.load_entropy(self.counts).tolist(),
                 "weight_entropy": (self.weight_entropy / math.log(k) if k > 1 else self.weight_entropy).tolist(),
                 "experts_loaded": self.experts_loaded or [None] * len(self.layers),
             }

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write
 from ..moe import ExpertProvider
 from ..rope import rope_cos_sin, rope_frequencies
-from . import stats
+from . import routing_stats
 from .pieces import check_experts, check_piece, free_piece, load_expert, load_piece, meta_layer, piece_bytes
 from .result import StreamResult
 from .source import checkpoint_bytes, checkpoint_config, open_reader, resolve_layers
@@ -223,7 +223,7 @@ def _stream(reader, token_ids, layers, labels, state_dir, budget, progress) -> S
             x, max_logit, record = _layer(reader, config, i, x, cos, sin, budget, bar)
             state["max_logits"].append(max_logit)
             if record is not None:
-                state["touched"] += stats.distinct_per_token(record["indices"])
+                state["touched"] += routing_stats.distinct_per_token(record["indices"])
                 if i in recorded:
                     state["records"].append(_summarize(record, i, E, B, labels))
             state.update(next_layer=i + 1, hidden=x, bytes_read=reader.bytes_read - bytes_before)
@@ -340,10 +340,10 @@ def _summarize(record, layer, n_experts, batch, labels) -> dict:
     idx, w = record["indices"], record["weights"]
     out = {
         "layer": layer,
-        "counts": stats.expert_counts(idx, n_experts),
-        "weight_sum": stats.weight_sums(idx, w, n_experts),
-        "coactivation": stats.coactivation_counts(idx, n_experts),
-        "weight_entropy": stats.weight_entropy(w).mean(),
+        "counts": routing_stats.expert_counts(idx, n_experts),
+        "weight_sum": routing_stats.weight_sums(idx, w, n_experts),
+        "coactivation": routing_stats.coactivation_counts(idx, n_experts),
+        "weight_entropy": routing_stats.weight_entropy(w).mean(),
         "experts_loaded": record["experts_loaded"],
         "by_label": {},
     }
@@ -351,7 +351,7 @@ def _summarize(record, layer, n_experts, batch, labels) -> dict:
         rows = rearrange(idx, "(b t) k -> b t k", b=batch)
         for lab in dict.fromkeys(labels):
             keep = torch.tensor([x == lab for x in labels])
-            out["by_label"][lab] = stats.expert_counts(rows[keep], n_experts)
+            out["by_label"][lab] = routing_stats.expert_counts(rows[keep], n_experts)
     return out
 
 

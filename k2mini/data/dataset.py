@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .corpus import Corpus
-from .tokenizer import ByteTokenizer
+from .byte_tokenizer import ByteTokenizer
 
 __all__ = ["TokenDataset", "make_dataset", "SPLITS"]
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from ..analysis import stats
+from ..analysis import routing_stats as stats
 from ..analysis.result import StreamResult
 
 __all__ = ["telemetry_result", "split_halves", "merge_halves", "domain_divergences", "independent_routing",

@@ -18,7 +18,9 @@ import pandas as pd
 import torch
 
 from ..balance import METHODS
+from ..data import load_corpus, make_dataset
 from .experiments import run_sweep
+from .records import read_record, write_record
 from .routing_study import balancing_base, balancing_spec, bias_effect, summarize_runs, untrained_window_stats
 
 __all__ = ["SPEEDS", "study_specs", "controls", "read_balancing_record", "main"]
@@ -52,7 +54,6 @@ def controls(runs, data, last: int, val_batches: int = 4) -> tuple[pd.DataFrame,
 
 def read_balancing_record(path):
     """(meta, sweep, table, untrained, effect) of a record written by `main`."""
-    from .records import read_record
 
     meta, _, summary = read_record(path)
     sweep = summary[summary["part"] == "sweep"].reset_index(drop=True)
@@ -69,8 +70,6 @@ def read_balancing_record(path):
 
 
 def main(argv=None) -> None:
-    from .. import load_corpus, make_dataset
-    from .records import write_record
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)

@@ -17,8 +17,14 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
+
+from ..config import K2Config
+from ..model import K2ForCausalLM
+from ..parallel import shard_experts
+from .experiments import RunSpec
 
 
 def straggler_factor(load, degree: int):
@@ -32,7 +38,6 @@ def straggler_factor(load, degree: int):
 def balancing_specs(seed: int, methods, steps: int = 200):
     """Notebook 02's comparison runs (its ci settings) for one seed, one per balancing method: the same
     specs, so a run cache that notebook 02 filled serves them."""
-    from .experiments import RunSpec
 
     base = RunSpec(optimizer="adamw", lr=3e-3, steps=steps, preset="k2-micro", config={"num_hidden_layers": 3},
                    batch_size=16, seq_len=64, eval_every=50, eval_batches=16,
@@ -63,12 +68,6 @@ def distinct_groups(indices: torch.Tensor, n_experts: int, n_groups: int) -> tor
 
 
 def _rank(rank: int, world: int, degree: int, out_dir: str, seed: int, batch: int, seq: int, preset: str):
-    import torch.distributed as dist
-
-    from ..config import K2Config
-    from ..model import K2ForCausalLM
-    from ..parallel import shard_experts
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:

@@ -28,11 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
+from ..attention import mla_logits
 from ..config import K2Config
 from ..model import K2ForCausalLM
+from ..optim import build_optimizer
 from ..rope import rope_cos_sin, rope_frequencies, rope_type
+from ..training import train
+from .attention_costs import kv_cache_bytes
 from .experiments import RunCache, RunSpec, default_cache_dir, run_one, training_code_digest
 
 TRAINED_LEN = 64
@@ -179,8 +185,6 @@ def attention_by_position(model: K2ForCausalLM, x: torch.Tensor) -> dict[str, to
     """Per layer and query position: the attention entropy (nats, mean over heads and batch) and the
     largest pre-softmax logit (softmax scale included, max over heads, keys and batch, as QK-Clip
     watches it). Returns {"entropy": (layers, T), "max_logit": (layers, T)}."""
-    from ..attention import mla_logits
-    from einops import rearrange
 
     T = x.shape[1]
     cos, sin = _cos_sin(model, T)
@@ -254,8 +258,6 @@ def train_base(spec: RunSpec, data, cache: bool = True):
 def continue_training(base, method: str, scale: StudyScale, data, cache: bool = True) -> K2ForCausalLM:
     """The base run's weights trained `continue_steps` more steps at long_factor * TRAINED_LEN tokens,
     under `method`'s rope scaling (the same number of tokens per step as the short run)."""
-    from ..optim import build_optimizer
-    from ..training import train
 
     length = scale.long_factor * TRAINED_LEN
     start = with_rope(base.model, method, TRAINED_LEN, length)
@@ -289,7 +291,6 @@ def run_study(scale: StudyScale, data, lengths=None, distances=None, progress: b
     """Every seed x method x (as trained, continued): loss by position at each length, retrieval
     accuracy by distance at the long length, and the attention statistics of yarn with and without
     its mscale. Returns a dict of plain arrays (see the notebook)."""
-    from tqdm.auto import tqdm
 
     long = scale.long_factor * TRAINED_LEN
     lengths = lengths or (long,)
@@ -355,7 +356,6 @@ def serving_bytes(config: K2Config, context: int, fmt: str = "fp8", scheme: str 
     """One sequence of `context` tokens at batch 1: weights held, KV cache held, and the bytes one decoded
     token must read (its active weights plus the whole cache). Memory-bound decoding cannot run faster
     than bandwidth / decode_bytes tokens per second."""
-    from .attention_costs import kv_cache_bytes
 
     cache = kv_cache_bytes(config, scheme, context, bytes_per_number=cache_bytes_per_number, kv_groups=kv_groups)
     return {"weights": weight_bytes(config, fmt), "cache": cache,

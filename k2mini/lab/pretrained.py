@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
+from .. import locks
+from ..checkpoint import save_pretrained
 from ..config import K2Config
+from ..data import default_data_root, load_corpus, make_dataset
+from ..model import K2ForCausalLM
+from ..optim import build_optimizer
+from ..training import train
 
 # name -> how to make it. Mixed prose + code so that domain specialization has something to show.
 _MINI_RECIPE = dict(
@@ -70,7 +76,6 @@ def mini_path(name: str = "k2-mini", root: str | os.PathLike | None = None, form
         raise ValueError(f"unknown mini {name!r}; choose from {sorted(RECIPES)}")
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose from {FORMATS}")
-    from ..data import default_data_root
 
     root = Path(root) if root is not None else Path(default_data_root())
     return root / "minis" / f"{name}-{_key(RECIPES[name])}{'' if format == 'fp8' else '-' + format}"
@@ -93,7 +98,6 @@ def pretrained_mini(
     path = mini_path(name, root, format)
     if (path / "training.json").exists() and not retrain:
         return path
-    from .. import locks
 
     # two processes asking at once (notebooks run side by side): the second waits, then finds it cached
     lock = path.parent / f".{mini_path(name, root).name}.lock"
@@ -105,10 +109,6 @@ def pretrained_mini(
 
 def _train_and_save(name: str, root, path: Path, progress: bool) -> Path:
     recipe = RECIPES[name]
-    from ..checkpoint import save_pretrained
-    from ..data import load_corpus, make_dataset
-    from ..model import K2ForCausalLM
-    from .. import train
 
     corpora = [load_corpus(c, max_bytes=n) for c, n in recipe["corpora"].items()]
     data = make_dataset(corpora, seed=recipe["seed"])
@@ -117,7 +117,6 @@ def _train_and_save(name: str, root, path: Path, progress: bool) -> Path:
     if recipe["optimizer"] == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.95), weight_decay=0.1)
     else:
-        from ..optim import build_optimizer
 
         optimizer = build_optimizer(model, recipe["optimizer"], lr=recipe["lr"])
     history = train(

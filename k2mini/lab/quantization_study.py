@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+
+from ..checkpoint import CheckpointReader
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
@@ -32,7 +35,6 @@ ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
 def stored_bytes(source) -> dict[str, int]:
     """Bytes a checkpoint stores for its routed experts (packed words, scales and shapes included) and
     for everything else, from the shard headers alone."""
-    from ..checkpoint import CheckpointReader
 
     out = {"experts": 0, "other": 0}
     with CheckpointReader(source) as reader:
@@ -124,7 +126,6 @@ def quantization_study(models: dict, token_ids: torch.Tensor) -> QuantizationStu
 def _int_round(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """w (..., out, in) rounded to a symmetric integer grid q * s, q in [-2^(bits-1), 2^(bits-1) - 1], one
     scale per `group_size` columns (absmax / (2^(bits-1) - 1), as compressed-tensors' minmax observer)."""
-    from einops import rearrange
 
     if bits < 2:
         raise ValueError(f"bits must be >= 2 (a sign and a magnitude), got {bits}")

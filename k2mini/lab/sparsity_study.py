@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..atomic import atomic_write
+from ..data import default_data_root
 from .experiments import RunResult, RunSpec
 
 __all__ = [
@@ -144,8 +146,6 @@ def dictionary_text(n_pairs: int, n_bytes: int, seed: int = 0, key_len: int = 4,
 def dictionary_corpus(n_pairs: int = 1500, n_bytes: int = 2_000_000, seed: int = 0, root=None) -> str:
     """The path (a string, for `RunSpec.corpus`) of `dictionary_text(n_pairs, n_bytes, seed)`, written once
     under `<data root>/synthetic/` (atomically) and reused."""
-    from ..atomic import atomic_write
-    from ..data import default_data_root
 
     folder = (default_data_root() if root is None else Path(root)) / "synthetic"
     path = folder / f"dictionary-{n_pairs}-{n_bytes}-{seed}.txt"

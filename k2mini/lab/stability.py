@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from .experiments import RunResult
+from .experiments import RunResult, RunSpec
 
 __all__ = ["summarize", "optimizer_group", "best_runs", "tokens_to_reach", "significant", "format_summary", "sweep_specs",
            "long_specs", "clips_per_part"]
@@ -130,7 +130,6 @@ def sweep_specs(*, preset: str, steps: int, lrs: Sequence[float], tau: float, ta
                 batch_size: int, seq_len: int, seed: int):
     """Notebook 04's sweep: AdamW, Muon and MuonClip(tau) at every lr, plus MuonClip(tau_k2) at the three
     largest, all on the same tokens and seed, with a cosine schedule and 10% warm-up."""
-    from .experiments import RunSpec
 
     common = dict(preset=preset, steps=steps, weight_decay=weight_decay, batch_size=batch_size, seq_len=seq_len,
                   seed=seed, data_seed=seed, eval_every=steps // 6, eval_batches=4,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from . import Verdict, claim
+from ..stability import tokens_to_reach
 
 __all__ = ["clip_caps_fresh_logits", "clip_cuts_peak_cheaply", "clip_fades_as_lr_decays",
            "adamw_logits_exceed_muon", "muon_beats_adamw"]
@@ -120,7 +121,6 @@ def muon_beats_adamw(muon, adamw, *, gap: float = 0.02, share: float = 0.75) -> 
 
     Margin: the smaller of (loss gap - gap) / gap and (share - tokens needed / run tokens) / share.
     """
-    from ..stability import tokens_to_reach
 
     target = adamw.final_val_loss()
     d = muon.final_val_loss()

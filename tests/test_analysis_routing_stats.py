@@ -1,4 +1,4 @@
-"""Routing statistics (k2mini.analysis.stats): pure functions checked against brute force."""
+"""Routing statistics (k2mini.analysis.routing_stats): pure functions checked against brute force."""
 
 import math
 
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from k2mini.analysis import stats
+from k2mini.analysis import routing_stats as stats
 
 
 def random_routing(n, e, k, seed=0):

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint.names import expert_hf_name
 from .source import checkpoint_bytes, checkpoint_config, open_reader, resolve_layers
-from .stats import centred, cosine_matrix, off_diagonal
+from .routing_stats import centred, cosine_matrix, off_diagonal
 
 
 def router_names(layer: int) -> tuple[str, str]:

@@ -9,7 +9,7 @@ import torch
 
 from http_range_server import RangeServer
 from k2mini.analysis import TokenizerError, encode_batch, load_tokenizer
-from k2mini.analysis.tokenizer import split_runs
+from k2mini.analysis.checkpoint_tokenizer import split_runs
 
 MERGES = [b"he", b"ll", b"llo", b"hello", b" w", b"34", b"\xe5\xa4"]
 
