@@ -41,7 +41,7 @@ pytest: $(STAMP) $(CORPUS)
 	$(PYTEST_KERNELS) OMP_NUM_THREADS=1 $(PY) -m pytest -q tests -n $(PYTEST_JOBS)
 
 test-fast: $(STAMP) $(CORPUS)
-	$(PY) -m pytest -q tests -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests -m "not slow" -n $(PYTEST_JOBS)
 
 # nbval re-runs the notebooks under other float kernels than those that wrote their outputs (ATen's
 # portable `default` kernels instead of the CPU's AVX2 / AVX-512 ones), as a newcomer's CPU would: the

@@ -19,12 +19,20 @@ REFERENCE_FILES = {"test_reference_parity.py"}
 REFERENCE_NAMES = re.compile(r"transformers|torch_muon|torch_adamw|torch_compatible")
 MULTIPROCESS_FILES = {"test_train_ddp.py", "test_parallel_experts.py", "test_parallel_train.py",
                       "test_lab_expert_parallel.py"}
-MULTIPROCESS_TESTS = {"test_sweep_in_two_processes_equals_one"}
-SLOW_FILES = MULTIPROCESS_FILES | {"test_pretrained.py", "test_quantization_study.py"}
+MULTIPROCESS_TESTS = {"test_sweep_in_two_processes_equals_one",
+                      # the fault tests that run a second process (a script, a killed child, a competing run)
+                      "test_a_parallel_sweep_in_a_script_without_a_main_guard_says_so",
+                      "test_a_parallel_sweep_started_from_a_script_read_on_stdin_fails_clearly",
+                      "test_a_second_process_training_into_a_busy_checkpoint_dir_is_refused_naming_the_first",
+                      "test_a_run_killed_in_the_middle_of_a_save_leaves_a_directory_the_next_run_takes_over",
+                      "test_a_save_killed_in_the_middle_of_its_swap_loses_no_checkpoint"}
+SLOW_FILES = MULTIPROCESS_FILES | {"test_pretrained.py", "test_quantization_study.py",
+                                   "test_claims_stability.py"}  # trains its runs in a module fixture
 # the slowest single tests (pytest --durations): compilation, module entry points, fuzzing, import scans
 SLOW_TESTS = MULTIPROCESS_TESTS | {"test_compile_layers_gives_the_same_logits_and_gradients", "test_runs_as_a_module",
                                    "test_fuzzed_shards_never_load_wrong_weights",
-                                   "test_the_library_never_imports_the_lab_nor_its_libraries"}
+                                   "test_the_library_never_imports_the_lab_nor_its_libraries",
+                                   "test_k2_router_is_three_hundredths_of_a_percent_of_its_checkpoint"}
 
 
 def pytest_configure(config):

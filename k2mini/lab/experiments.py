@@ -21,6 +21,11 @@ MuonClip runs also record what QK-Clip achieved: after every step that clipped a
 re-runs the forward pass on that step's batch with the clipped weights and stores the largest max
 logit (`post_clip_max_logit`, and `post_clip_max_logit_clipped` over the clipped heads only). train()
 records `max_logit` BEFORE the step, so this is the honest test of "the clip holds".
+
+Over 400 lines on purpose: this file is the one lab file digested into every cache key as training
+code (a change to the spec, the batches or the runner changes what a run computes). Spec, runner and
+cache kept in one file keep that set to exactly this file; the summaries, plots and studies built on
+top of it live elsewhere and can change without invalidating a cached run.
 """
 
 from __future__ import annotations
