@@ -3,14 +3,20 @@
 Python's `bool` is a subclass of `int`, so `isinstance(True, int)` holds and `True` would pass as a
 layer count or a step count; every check here refuses it. Errors name the argument (and `where` it was
 given, e.g. a config field or a function) and the offending value: TypeError for the wrong type,
-ValueError for a value out of range.
+ValueError for a value out of range. The wrong-type error is an `ArgumentTypeError`, a TypeError that is
+also a ValueError, so callers whose contract has always been "a bad value is a ValueError" (a config.json
+field, a training setting, an environment variable) keep it while moving to these checks.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["check_int", "check_real", "check_bool"]
+__all__ = ["ArgumentTypeError", "check_int", "check_real", "check_bool"]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a TypeError, and a ValueError for callers that catch bad values as such."""
 
 
 def _prefix(where: str) -> str:
@@ -29,7 +35,7 @@ def _bounds(low, high, low_open: bool = False) -> str:
 def check_int(value, name: str, *, low=None, high=None, where: str = "") -> int:
     """`value` if it is an int (not a bool) with low <= value <= high (each bound optional)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{_prefix(where)}{name} must be an int, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{_prefix(where)}{name} must be an int, got {type(value).__name__} {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{_prefix(where)}{name} must be {_bounds(low, high)}, got {value!r}")
     return value
@@ -44,7 +50,7 @@ def check_real(
     refused, and +-inf too unless `finite=False`.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{_prefix(where)}{name} must be a real number, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{_prefix(where)}{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     if math.isnan(value) or (finite and math.isinf(value)):
         raise ValueError(f"{_prefix(where)}{name} must be {'finite' if finite else 'a number'}, got {value!r}")
@@ -57,5 +63,5 @@ def check_real(
 def check_bool(value, name: str, *, where: str = "") -> bool:
     """`value` if it is a bool (not 0/1 or a truthy object)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{_prefix(where)}{name} must be a bool, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{_prefix(where)}{name} must be a bool, got {type(value).__name__} {value!r}")
     return value

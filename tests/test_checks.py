@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from k2mini.checks import check_bool, check_int, check_real
+from k2mini.checks import ArgumentTypeError, check_bool, check_int, check_real
 
 
 def test_check_int_returns_the_value_within_bounds():
@@ -69,3 +69,13 @@ def test_check_bool_accepts_only_bools():
     for bad in (0, 1, "yes", None):
         with pytest.raises(TypeError, match=r"^K2Config: flag must be a bool, got"):
             check_bool(bad, "flag", where="K2Config")
+
+
+def test_a_wrong_type_is_a_type_error_and_a_value_error_but_a_wrong_range_only_a_value_error():
+    for call in (lambda: check_int("3", "n"), lambda: check_real(None, "x"), lambda: check_bool(1, "b")):
+        with pytest.raises(ArgumentTypeError) as info:
+            call()
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+    with pytest.raises(ValueError) as info:
+        check_int(0, "n", low=1)
+    assert not isinstance(info.value, TypeError)
