@@ -12,24 +12,13 @@ import os
 from typing import Any
 
 from ..checks import check_real
-from ..config import K2Config, normalize_rope_scaling
+from ..config import POSITIVE_INT_FIELDS, K2Config, normalize_rope_scaling
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
-REQUIRED_FIELDS = (  # what no DeepseekV3 config.json leaves out; the rest have family defaults
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "n_routed_experts",
-    "num_experts_per_tok",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-)
+# the sizes no DeepseekV3 config.json leaves out: K2Config's positive integers but for the ones older
+# configs may omit (routing groups default to one, the context length to K2Config's default)
+REQUIRED_FIELDS = tuple(f for f in POSITIVE_INT_FIELDS if f not in ("n_group", "topk_group", "max_position_embeddings"))
 
 
 def read_hf_config(config: dict | str | os.PathLike) -> tuple[dict, str]:
