@@ -166,7 +166,7 @@ def test_one_walk_over_the_checkpoint_tensors():
 
 def test_one_fp8_quantization_config(tmp_path):
     from k2mini.checkpoint import save_pretrained
-    from k2mini.config import K2_QUANTIZATION_CONFIG
+    from k2mini.presets import K2_QUANTIZATION_CONFIG
 
     for preset in ("kimi-k2", "deepseek-v3"):
         assert k2mini.K2Config.preset(preset).quantization_config == K2_QUANTIZATION_CONFIG

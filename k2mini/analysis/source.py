@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..checkpoint import CheckpointError, CheckpointReader
+from ..checks import check_int
 from ..config import K2Config
 
 
@@ -39,8 +40,7 @@ def resolve_layers(config: K2Config, layers=None, moe_only: bool = False) -> lis
         if not items:
             raise ValueError("layers: an empty selection (pass None for all layers)")
         for i in items:
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise TypeError(f"layers: expected layer indices (ints), got {i!r}")
+            check_int(i, "each layer index", where="layers")
         bad = [i for i in items if not 0 <= i < n]
         if bad:
             raise ValueError(f"layer {bad[0]} is out of range: the checkpoint has {n} layers (0..{n - 1})")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .. import locks
 from ..atomic import DISK_ERRNOS, WriteError, disk_errors, temp_dir
-from ..config import K2_QUANTIZATION_CONFIG
+from ..presets import K2_QUANTIZATION_CONFIG
 from . import int4
 from .fp8 import quantize_fp8, scale_shape
 from .names import EXPERT_RE, hf_tensors, is_fp8_quantized, scale_name

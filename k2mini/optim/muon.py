@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ..checks import check_int, check_real
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz
 
 __all__ = ["Muon", "adjusted_lr", "NonFiniteGradientError"]
@@ -62,14 +63,11 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         if lr.numel() != 1:
             raise ValueError("a tensor lr must have one element")
         lr = lr.item()
-    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
-    if not 0.0 <= group["weight_decay"] < math.inf:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    check_real(lr, "lr", low=0)
+    check_real(group["weight_decay"], "weight_decay", low=0)
     if not 0.0 <= group["momentum"] < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
-    if isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
-        raise ValueError(f"ns_steps must be an int in [1, 100), got {group['ns_steps']!r}")
+    check_int(group["ns_steps"], "ns_steps", low=1, high=99)
     if not group["eps"] > 0:
         raise ValueError(f"eps must be > 0, got {group['eps']!r}")
     if group["adjust_lr"] not in ADJUST_LR_MODES:

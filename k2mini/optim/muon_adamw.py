@@ -14,6 +14,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as adamw_functional
 
+from ..checks import check_real
 from .max_logits import TakesMaxLogits, max_logit_metrics
 from .muon import Muon
 
@@ -83,10 +84,8 @@ class MuonAdamW(Muon, TakesMaxLogits):
             return super()._validate_group(group, group_index)
         beta1, beta2 = group["betas"]
         lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) and group["lr"].numel() == 1 else group["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
-            raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
-        if not 0.0 <= group["weight_decay"] < math.inf:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+        check_real(lr, "lr", low=0)
+        check_real(group["weight_decay"], "weight_decay", low=0)
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"betas must lie in [0, 1), got {group['betas']!r}")
         if not group["eps"] >= 0:

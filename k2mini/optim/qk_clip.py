@@ -21,11 +21,11 @@ over the micro-batches (``torch.maximum``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from einops import rearrange
 from torch import nn
+
+from ..checks import check_real
 
 __all__ = ["qk_clip_", "clip_factors", "attention_modules", "check_max_logits", "check_finite_max_logits", "check_tau"]
 
@@ -71,8 +71,7 @@ def clip_factors(max_logits: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def check_tau(tau: float) -> None:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or not tau > 0:
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
+    check_real(tau, "tau", low=0, low_open=True, finite=False)  # tau = inf: never clip
 
 
 def _heads_view(weight: torch.Tensor, heads: int, head_rows: int, what: str) -> torch.Tensor:
