@@ -12,16 +12,14 @@ from torch.nn.parallel import DistributedDataParallel
 import k2mini
 from k2mini import K2Config, K2ForCausalLM
 from k2mini.parallel import DataParallel, ExpertParallel, Replicated, plan_of, replicate, shard_experts
+from lab_runs import TEXT
 
-TEXT = ("To be, or not to be, that is the question:\n" * 40 + "def f(x):\n    return x * 2\n" * 40) * 3
 SETTINGS = dict(batch_size=2, seq_len=16, eval_every=0, progress=False)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(TEXT)
-    return k2mini.make_dataset(k2mini.load_corpus(str(path)), val_fraction=0.1, block_size=256)
+def data():
+    return k2mini.make_dataset(k2mini.Corpus("text", [TEXT], ["text.txt"]), val_fraction=0.1, block_size=256)
 
 
 @pytest.fixture
