@@ -85,17 +85,16 @@ class TrainConfig:
             raise ValueError(f"balancing must be one of {METHODS}, got {self.balancing!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        where = "TrainConfig"
         for name, low in (("steps", 0), ("batch_size", 1), ("seq_len", 1), ("seed", 0), ("warmup_steps", 0),
                           ("eval_every", 0), ("eval_batches", 1), ("log_every", 1)):
-            check_int(getattr(self, name), name, low=low, where=where)
+            check_int(getattr(self, name), f"TrainConfig.{name}", low=low)
         if self.checkpoint_every is not None:
-            check_int(self.checkpoint_every, "checkpoint_every", low=1, where=where)
+            check_int(self.checkpoint_every, "TrainConfig.checkpoint_every", low=1)
         for name in ("bias_update_speed", "aux_alpha", "seq_aux_alpha"):
-            check_real(getattr(self, name), name, low=0, where=where)
-        check_real(self.min_lr_ratio, "min_lr_ratio", low=0, high=1, where=where)
+            check_real(getattr(self, name), f"TrainConfig.{name}", low=0)
+        check_real(self.min_lr_ratio, "TrainConfig.min_lr_ratio", low=0, high=1)
         if self.grad_clip is not None:
-            check_real(self.grad_clip, "grad_clip", low=0, low_open=True, where=where)
+            check_real(self.grad_clip, "TrainConfig.grad_clip", low=0, low_open=True)
 
     def evaluates_at(self, step: int) -> bool:
         """Whether step `step` (0-based) ends with an evaluation: every eval_every steps and the last."""
