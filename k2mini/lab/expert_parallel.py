@@ -67,7 +67,7 @@ def _rank(rank: int, world: int, degree: int, out_dir: str, seed: int, batch: in
 
     from ..config import K2Config
     from ..model import K2ForCausalLM
-    from ..parallel import replicate, shard_experts
+    from ..parallel import shard_experts
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
@@ -80,6 +80,8 @@ def _rank(rank: int, world: int, degree: int, out_dir: str, seed: int, batch: in
         F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
         mine = slice(rank * batch, (rank + 1) * batch)
         shard_experts(model, degree)
+        from ..parallel import replicate  # (issue 21 merge: belongs with the module's top imports)
+
         net = replicate(model)  # DDP over the replicated part: each rank holds other experts
         out = net(ids[mine], telemetry=True)
         F.cross_entropy(out.logits.flatten(0, 1), ids[mine].roll(-1, 1).flatten()).backward()
