@@ -80,7 +80,7 @@ def _rank(rank: int, world: int, degree: int, out_dir: str, seed: int, batch: in
         F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
         mine = slice(rank * batch, (rank + 1) * batch)
         shard_experts(model, degree)
-        from ..parallel import replicate  # (issue 21 merge: belongs with the module's top imports)
+        from ..parallel import replicate
 
         net = replicate(model)  # DDP over the replicated part: each rank holds other experts
         out = net(ids[mine], telemetry=True)
