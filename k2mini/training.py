@@ -137,7 +137,7 @@ class StepResult:
         return self.problem is None and math.isfinite(self.loss)
 
 
-def _local_batch(data, step: int, cfg: TrainConfig, parallel: ParallelPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_batch(data, step: int, cfg: TrainConfig, parallel: ParallelPlan, device):
     """This rank's share of step `step`'s global batch: (B / world, T) inputs and next-token targets."""
     share = cfg.batch_size // parallel.world
     x, y = data.batch_for_step("train", step, cfg.batch_size, cfg.seq_len, seed=cfg.seed)  # (B, T) each
@@ -169,7 +169,8 @@ def _update_correction_biases(moe_layers, loads: torch.Tensor, speed: float) -> 
         bias.copy_(loss_free_update(bias, load, speed))
 
 
-def train_step(model, net, optimizer, data, step: int, cfg: TrainConfig, parallel: ParallelPlan | None = None) -> StepResult:
+def train_step(model, net, optimizer, data, step: int, cfg: TrainConfig,
+               parallel: ParallelPlan | None = None) -> StepResult:
     """Step `step`: set the scheduled lr, forward this rank's share of the batch, and unless the loss
     is non-finite, backward, clip, take the optimizer step and update the correction biases.
     `net` is `model` or the module `parallel.wrap(model)` returned; `parallel` defaults to plan_of(model)."""
@@ -298,7 +299,7 @@ def train(
 
     if checkpoint_dir is not None and parallel.checkpoint_refusal:
         raise ValueError(parallel.checkpoint_refusal)
-    with owning(checkpoint_dir, rank, world):  # a second run into the same checkpoint_dir is refused, naming this one
+    with owning(checkpoint_dir, rank, world):  # a second run into checkpoint_dir is refused, naming this one
         ckpt_path = checkpoint_path(checkpoint_dir, resume, overwrite)
         rows: list[dict] = []
         start = 0

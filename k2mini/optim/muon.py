@@ -150,7 +150,8 @@ class Muon(Optimizer):
         check_finite: bool = True,
         **settings: Any,
     ) -> None:
-        defaults = dict(lr=lr, weight_decay=weight_decay, **MuonSettings.from_keywords(settings, "Muon").group_defaults())
+        muon = MuonSettings.from_keywords(settings, "Muon")
+        defaults = dict(lr=lr, weight_decay=weight_decay, **muon.group_defaults())
         self.check_finite = check_finite
         self._pending_metrics: dict[str, torch.Tensor | float] = {}
         super().__init__(params, defaults)
