@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import k2mini
 from k2mini import K2Config, K2ForCausalLM
 from k2mini.moe import Routing, grouped_experts
-from k2mini.parallel import shard_experts, traffic_from_slots
+from k2mini.parallel import replicate, shard_experts, traffic_from_slots
 
 BATCH, SEQ = 4, 16
 
@@ -39,7 +39,7 @@ def exactness(rank, world, degree):
 
     mine = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
     shard_experts(model, degree)
-    net = torch.nn.parallel.DistributedDataParallel(model)
+    net = replicate(model)  # DDP over the replicated part: each rank holds other experts
     out = net(ids[mine], telemetry=True)
     F.cross_entropy(out.logits.flatten(0, 1), ids[mine].roll(-1, 1).flatten()).backward()
 

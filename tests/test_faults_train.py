@@ -14,7 +14,7 @@ import k2mini
 import k2mini.atomic
 from faults_helpers import TEXT, TINY_CONFIG, TRAIN_CHILD, FullDiskOs, file_size_limit, start, wait_for
 from k2mini.locks import LockedError
-from k2mini.train_checkpoints import save_checkpoint
+from k2mini.run.resume_state import save_checkpoint
 from k2mini.training import TrainConfig, train
 
 SETTINGS = dict(batch_size=2, seq_len=16, eval_every=0, progress=False)
@@ -187,7 +187,7 @@ def test_under_torchrun_every_rank_is_refused_a_busy_checkpoint_dir_and_none_wai
     import sys
 
     from faults_helpers import child_env
-    from k2mini.train_checkpoints import own_checkpoint_dir
+    from k2mini.run.checkpoint_dir import own_checkpoint_dir
 
     script = tmp_path / "ddp_child.py"
     script.write_text(DDP_CHILD)

@@ -10,7 +10,7 @@ import torch
 import k2mini
 from k2mini import K2Config, K2ForCausalLM
 from k2mini.optim import build_optimizer
-from k2mini.train_checkpoints import CheckpointDamagedError
+from k2mini.run.resume_state import CheckpointDamagedError
 from k2mini.training import NonFiniteLossError, train
 
 TEXT = ("To be, or not to be, that is the question:\n" * 40 + "def f(x):\n    return x * 2\n" * 40) * 3

@@ -79,7 +79,9 @@ def _rank(rank: int, world: int, degree: int, out_dir: str, seed: int, batch: in
         F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
         mine = slice(rank * batch, (rank + 1) * batch)
         shard_experts(model, degree)
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        from ..parallel import replicate
+
+        net = replicate(model)  # DDP over the replicated part: each rank holds other experts
         out = net(ids[mine], telemetry=True)
         F.cross_entropy(out.logits.flatten(0, 1), ids[mine].roll(-1, 1).flatten()).backward()
         g, refs = model.expert_parallel, dict(ref.named_parameters())

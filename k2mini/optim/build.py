@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from .muon_adamw import MuonAdamW
@@ -65,18 +64,10 @@ def build_optimizer(
     kind: str = "muonclip",
     *,
     lr: float,
-    weight_decay: float = 0.1,
     adamw_lr: float | None = None,
-    betas: tuple[float, float] = (0.9, 0.95),
-    adamw_eps: float = 1e-8,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
-    adjust_lr: str = "match_rms_adamw",
-    ns_dtype: torch.dtype | None = None,
     tau: float = 100.0,
     router: str = "muon",
-    check_finite: bool = True,
+    **settings: Any,
 ) -> MuonAdamW:
     """The optimizer for a K2 model; runs that compare optimizers differ only in ``kind``.
 
@@ -88,6 +79,9 @@ def build_optimizer(
 
     lr: the learning rate of every group (AdamW groups use ``adamw_lr`` when given).
     router: ``"muon"`` (default, Moonlight's split) or ``"adamw"``: which rule trains the router weight.
+    settings: MuonAdamW's keywords: ``weight_decay`` (0.1; the vectors get none), ``betas``,
+        ``adamw_eps``, ``check_finite``, and the ``MuonSettings`` (momentum, nesterov, ns_steps,
+        adjust_lr, ns_dtype, eps).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -108,10 +102,6 @@ def build_optimizer(
         if role == "vectors":
             group["weight_decay"] = 0.0
         groups.append(group)
-    kwargs = dict(
-        lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-        adjust_lr=adjust_lr, ns_dtype=ns_dtype, betas=betas, adamw_eps=adamw_eps, check_finite=check_finite,
-    )
     if kind == "muonclip":
-        return MuonClip(groups, model, tau=tau, **kwargs)
-    return MuonAdamW(groups, **kwargs)
+        return MuonClip(groups, model, tau=tau, lr=lr, **settings)
+    return MuonAdamW(groups, lr=lr, **settings)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -36,10 +37,48 @@ from torch.optim import Optimizer
 from ..checks import check_int, check_real
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz
 
-__all__ = ["Muon", "adjusted_lr", "NonFiniteGradientError"]
+__all__ = ["Muon", "MuonSettings", "WEIGHT_DECAY", "adjusted_lr", "NonFiniteGradientError"]
 
 ADJUST_LR_MODES = ("match_rms_adamw", "original")
 NS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+WEIGHT_DECAY = 0.1  # the default decoupled weight decay of Muon, MuonAdamW and build_optimizer
+
+
+@dataclass(frozen=True)
+class MuonSettings:
+    """Muon's hyperparameters besides lr and weight decay, with their defaults: the one list of them.
+
+    `Muon`, `MuonAdamW` (for its Muon groups) and `build_optimizer` take these names as keywords; each
+    becomes a key of a Muon param group (the keys torch.optim.Muon's groups have, plus adjust_lr and
+    ns_dtype).
+
+        momentum, nesterov  EMA momentum coefficient and Nesterov look-ahead (torch.optim.Muon's)
+        ns_steps            Newton-Schulz iterations
+        adjust_lr           "match_rms_adamw" (K2, Moonlight; update RMS ~ 0.2 lr) or "original" (Keller
+                            Jordan's sqrt(max(1, A / B)), torch's default; wants a ~50x larger lr)
+        ns_dtype            dtype of the Newton-Schulz matmuls; None: bfloat16 on CUDA, float32 elsewhere
+        eps                 floor of the Frobenius norm Newton-Schulz divides by (AdamW's is adamw_eps)
+    """
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    adjust_lr: str = "match_rms_adamw"
+    ns_dtype: torch.dtype | None = None
+    eps: float = 1e-7
+
+    @classmethod
+    def from_keywords(cls, keywords: dict[str, Any], where: str) -> MuonSettings:
+        """The settings given as keywords to `where`; TypeError naming a keyword that is not one of them."""
+        unknown = sorted(set(keywords) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"{where} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                            f"Muon's settings are {', '.join(f.name for f in fields(cls))}")
+        return cls(**keywords)
+
+    def group_defaults(self) -> dict[str, Any]:
+        """The settings as param-group entries."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -91,14 +130,9 @@ class Muon(Optimizer):
         params: parameters, ``named_parameters()`` (then errors name the parameter) or param groups.
         lr: learning rate; with ``adjust_lr="match_rms_adamw"`` the same value AdamW would use.
         weight_decay: decoupled weight decay, ``W *= 1 - lr * weight_decay`` each step.
-        momentum, nesterov: EMA momentum coefficient and Nesterov look-ahead (torch.optim.Muon's).
-        ns_steps: Newton-Schulz iterations.
-        adjust_lr: ``"match_rms_adamw"`` (K2, Moonlight; update RMS ~ 0.2 lr) or ``"original"``
-            (Keller Jordan's ``sqrt(max(1, A / B))``, torch's default; wants a ~50x larger lr).
-        ns_dtype: dtype of the Newton-Schulz matmuls; None means bfloat16 on CUDA, float32 elsewhere.
-        eps: floor of the Frobenius norm Newton-Schulz divides by.
         check_finite: raise ``NonFiniteGradientError`` (naming the parameter) before touching anything
             when a gradient holds inf or nan. Costs one host sync per step.
+        **settings: ``MuonSettings`` by name (momentum, nesterov, ns_steps, adjust_lr, ns_dtype, eps).
 
     After each step ``last_metrics`` holds, per param group name, ``update_rms/<name>`` (RMS of the
     step's gradient-driven update, weight decay excluded), ``grad_norm/<name>`` and ``lr/<name>``.
@@ -109,26 +143,13 @@ class Muon(Optimizer):
         self,
         params: Iterable[Any],
         lr: float,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_steps: int = 5,
-        adjust_lr: str = "match_rms_adamw",
-        ns_dtype: torch.dtype | None = None,
-        eps: float = 1e-7,
+        weight_decay: float = WEIGHT_DECAY,
         *,
         check_finite: bool = True,
+        **settings: Any,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            ns_steps=ns_steps,
-            adjust_lr=adjust_lr,
-            ns_dtype=ns_dtype,
-            eps=eps,
-        )
+        muon = MuonSettings.from_keywords(settings, "Muon")
+        defaults = dict(lr=lr, weight_decay=weight_decay, **muon.group_defaults())
         self.check_finite = check_finite
         self._pending_metrics: dict[str, torch.Tensor | float] = {}
         super().__init__(params, defaults)

@@ -16,7 +16,7 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from ..checks import check_real
 from .max_logits import TakesMaxLogits, max_logit_metrics
-from .muon import Muon
+from .muon import WEIGHT_DECAY, Muon, MuonSettings
 
 __all__ = ["MuonAdamW"]
 
@@ -29,7 +29,8 @@ class MuonAdamW(Muon, TakesMaxLogits):
     ``torch.optim.AdamW``. One optimizer rather than two means one ``state_dict``, one ``zero_grad``,
     and LR schedulers that see every group.
 
-    Every param group must say ``use_muon``; Muon groups default to the Muon arguments below, AdamW
+    Every param group must say ``use_muon``; Muon groups default to the ``MuonSettings`` given as
+    keywords (momentum, nesterov, ns_steps, adjust_lr, ns_dtype, eps: Newton-Schulz's floor), AdamW
     groups to ``betas`` and ``adamw_eps``. ``step(max_logits=...)`` is accepted so a training loop can
     pass the model's telemetry whatever the kind (it is a ``TakesMaxLogits``): here it is only recorded
     (``max_logit/...`` metrics).
@@ -42,20 +43,14 @@ class MuonAdamW(Muon, TakesMaxLogits):
         param_groups: Iterable[dict[str, Any]],
         *,
         lr: float,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_steps: int = 5,
-        adjust_lr: str = "match_rms_adamw",
-        ns_dtype: torch.dtype | None = None,
-        ns_eps: float = 1e-7,
+        weight_decay: float = WEIGHT_DECAY,
         betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         check_finite: bool = True,
+        **settings: Any,
     ) -> None:
         self._kind_defaults = {
-            True: dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, adjust_lr=adjust_lr,
-                       ns_dtype=ns_dtype, eps=ns_eps),
+            True: MuonSettings.from_keywords(settings, "MuonAdamW").group_defaults(),
             False: dict(betas=betas, eps=adamw_eps, amsgrad=False, maximize=False, foreach=None),
         }
         self.check_finite = check_finite

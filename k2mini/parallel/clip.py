@@ -8,16 +8,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .shard import EXPERT_PARAMS
+from .replicate import sharded_names
 
 
-def _is_expert(name: str) -> bool:
-    return name.rsplit(".", 2)[-2:-1] == ["experts"] and name.rsplit(".", 1)[-1] in EXPERT_PARAMS
-
-
-def clip_grad_norm_(model, max_norm: float | None) -> float:
-    """Clip the gradients of `model` (after shard_experts) to `max_norm` (None: only measure); the norm before."""
+def clip_grad_norm_(model, max_norm: float | None, group) -> float:
+    """Clip the gradients of `model` (after shard_experts; `group` its expert-parallel process group) to
+    `max_norm` (None: only measure); the norm before."""
     device = model.lm_head.weight.device  # NCCL reduces tensors on the GPU
+    sharded = sharded_names(model)
     expert_sq = torch.zeros((), dtype=torch.float32, device=device)
     shared_sq = torch.zeros((), dtype=torch.float32, device=device)
     grads = []
@@ -25,12 +23,12 @@ def clip_grad_norm_(model, max_norm: float | None) -> float:
         if p.grad is None:
             continue
         sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square().to(device)
-        if _is_expert(name):
+        if name in sharded:
             expert_sq += sq
         else:
             shared_sq += sq
         grads.append(p.grad)
-    dist.all_reduce(expert_sq, group=model.expert_parallel.group)
+    dist.all_reduce(expert_sq, group=group)
     norm = float((shared_sq + expert_sq).sqrt())
     if max_norm is not None:
         scale = max_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule

@@ -9,22 +9,19 @@ sharded non-expert matrix would have to be gathered for its update anyway. DDP k
 matrix whole on every rank and averages their gradients with one all-reduce, which is also what
 `k2mini.train` already does under torchrun. (K2 itself used ZeRO-1, sharding optimizer state only.)
 
-The expert parameters are excluded from DDP's all-reduce (each rank's experts differ); their gradients
-arrive through the all-to-all's backward already summed over the tokens of every rank in the
-expert-parallel group, and a hook divides them by the world size (DDP averages, so the loss the
-model is trained on is the mean of the ranks' losses) and sums them over replica groups.
+DDP wraps only the replicated part (`replicate`, replicate.py: each rank's experts differ, so they must
+be neither broadcast nor averaged). The experts' gradients arrive through the all-to-all's backward
+already summed over the tokens of every rank in the expert-parallel group, and a hook divides them by
+the world size (DDP averages, so the loss the model is trained on is the mean of the ranks' losses) and
+sums them over replica groups.
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from .experts import ExpertParallelExperts
 from .groups import expert_parallel_groups
-
-EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
-
 
 def _expert_grad_hook(groups):
     def hook(grad):
@@ -41,10 +38,11 @@ def shard_experts(model, degree: int | None = None):
 
     Collective: every rank calls it with the same model weights (same seed or same checkpoint) and degree.
     Afterwards rank r holds experts [e0, e0 + E/degree) of each layer, whole (so Muon orthogonalizes
-    them with no gather), and everything else replicated. Wrap the model in DistributedDataParallel
-    (`k2mini.train` does) to average the replicated gradients; the expert parameters are registered as
-    ignored by DDP (through its `_set_params_and_buffers_to_ignore_for_model`, which `DistributedDataParallel`
-    reads when it wraps the model). Returns the model; `model.expert_parallel` holds the groups.
+    them with no gather), and everything else replicated. Run it through `k2mini.parallel.replicate(model)`
+    to average the replicated gradients (`k2mini.train` does, through `plan_of(model)`), never through
+    `DistributedDataParallel(model)`, which would broadcast rank 0's experts to every rank and average
+    experts that differ. Returns the model; `model.expert_parallel` holds the groups (ExpertParallelGroups),
+    which is how `plan_of` knows the model is sharded.
 
     ValueError if the degree does not fit: larger than the world, not dividing it, or not dividing
     the number of routed experts; or if the model is already sharded.
@@ -53,12 +51,10 @@ def shard_experts(model, degree: int | None = None):
         raise ValueError("shard_experts: this model's experts are already sharded (model.expert_parallel is set); "
                          "call shard_experts once, on a model that is not sharded")
     groups = expert_parallel_groups(model.config.n_routed_experts, degree)
-    ignored, hook = [], _expert_grad_hook(groups)
+    hook = _expert_grad_hook(groups)
     for layer in model.moe_layers():
         layer.mlp.experts = ExpertParallelExperts(layer.mlp.experts, groups)
-        for name in EXPERT_PARAMS:
-            getattr(layer.mlp.experts, name).register_hook(hook)
-            ignored.append(f"model.layers.{layer.index}.mlp.experts.{name}")
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        for p in layer.mlp.experts.parameters():  # gate, up and down projections of this rank's experts
+            p.register_hook(hook)
     model.expert_parallel = groups
     return model

@@ -1,19 +1,16 @@
-"""Training checkpoints that never lose a good state: two of them, checksummed, tied to their run.
+"""Resume state: what a training checkpoint holds, written so that it never loses a good state.
 
-`<checkpoint_dir>/last.pt` is the newest checkpoint and `prev.pt` the one before it: a save first links
-(or copies) `last.pt` to `prev.pt`, then writes the new `last.pt` atomically, so a kill at any moment
-leaves at least one complete checkpoint. Each file is a plain `torch.save` dict (model, optimizer,
-step, history rows, settings) plus `checksum`, a sha256 over the contents of every tensor and value in
-it: `torch.load` does not check its archive's CRCs, so damage in place would otherwise resume with
-wrong numbers. Only finite weights and optimizer state are saved (`nonfinite_tensor` says which is
-not); after a divergence that made `last.pt` itself suspect, it is set aside as `diverged-step<N>.pt`
-and `prev.pt` takes its place (`set_aside_diverged`). A resume with other settings (model config, optimizer kind or hyperparameters, training
-settings that change the math) is refused, naming each difference.
+A checkpoint is a plain `torch.save` dict (model, optimizer, step, history rows, settings) plus
+`checksum`, a sha256 over the contents of every tensor and value in it: `torch.load` does not check its
+archive's CRCs, so damage in place would otherwise resume with wrong numbers. `<checkpoint_dir>/last.pt`
+is the newest and `prev.pt` the one before it: a save first links (or copies) `last.pt` to `prev.pt`,
+then writes the new `last.pt` atomically, so a kill at any moment leaves at least one complete
+checkpoint. Only finite weights and optimizer state are saved (`nonfinite_tensor` says which is not).
+`resume_from` loads one back; a resume with other settings (model config, optimizer kind or
+hyperparameters, training settings that change the math) is refused, naming each difference.
 
-A run owns its directory while it trains (`own_checkpoint_dir`: a lock file, `.run.lock`, naming the
-holder; see locks.py): a second run into the same directory is refused by name instead of both
-writing over each other's checkpoints. On taking the directory, temporary files a killed run left
-there are removed; a failed save leaves none behind.
+The directory the two files live in (who owns it, which checkpoint is still good after a divergence) is
+checkpoint_dir.py.
 """
 
 from __future__ import annotations
@@ -22,21 +19,17 @@ import hashlib
 import os
 import secrets
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from . import locks
-from .atomic import atomic_write, disk_errors
+from ..atomic import atomic_write, disk_errors
 
 __all__ = ["CheckpointDamagedError", "LAST", "PREV", "save_checkpoint", "load_checkpoint", "check_settings",
-           "nonfinite_tensor", "check_finite_state", "run_settings", "existing_checkpoints", "newest_good", "set_aside_diverged",
-           "own_checkpoint_dir", "LOCK"]
+           "nonfinite_tensor", "check_finite_state", "run_settings", "resume_from"]
 
 LAST, PREV = "last.pt", "prev.pt"
-LOCK = ".run.lock"
 FORMAT = "k2mini.train/2"
 # TrainConfig fields that change what is logged or when, not the numbers a resumed run computes
 _SCHEDULING_FIELDS = {"steps", "eval_every", "eval_batches", "log_every", "checkpoint_every"}
@@ -152,22 +145,6 @@ def _keep_as_previous(path: Path, keep: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Owning the directory
-
-
-@contextmanager
-def own_checkpoint_dir(checkpoint_dir):
-    """Hold `checkpoint_dir` for one run (LockedError naming the holder if another live process has
-    it), first removing the temporary files a killed run left in it."""
-    d = Path(checkpoint_dir)
-    with locks.hold(d / LOCK, f"checkpoint_dir {os.fspath(checkpoint_dir)!r}", blocking=False):
-        for name in (LAST, PREV):  # atomic_write's and _keep_as_previous's temporary names
-            for leftover in d.glob(f".{name}.*.tmp"):
-                leftover.unlink(missing_ok=True)
-        yield d
-
-
-# ----------------------------------------------------------------------------------------------
 # Reading
 
 
@@ -218,31 +195,14 @@ def check_settings(path, saved: dict | None, now: dict) -> None:
         )
 
 
-def existing_checkpoints(checkpoint_dir) -> list[Path]:
-    d = Path(checkpoint_dir)
-    return [d / n for n in (LAST, PREV) if (d / n).exists()]
-
-
-def newest_good(checkpoint_dir, before_step: int) -> Path | None:
-    """The newest checkpoint whose weights went on to give a finite loss: saved after a step < before_step
-    - 1 (the weights saved after step before_step - 1 are the ones that just diverged). Unreadable or
-    damaged files are skipped."""
-    for path in existing_checkpoints(checkpoint_dir):
-        try:
-            step = load_checkpoint(path)["step"]
-        except (CheckpointDamagedError, OSError):
-            continue
-        if step < before_step - 1:
-            return path
-    return None
-
-
-def set_aside_diverged(checkpoint_dir) -> Path:
-    """After a divergence whose last good checkpoint is prev.pt: last.pt (the weights that diverged)
-    becomes diverged-step<N>.pt and prev.pt becomes last.pt, so that resume=True continues from the good
-    state and no later save rotates it away. Returns the good checkpoint's new path."""
-    d = Path(checkpoint_dir)
-    step = torch.load(d / LAST, map_location="cpu", weights_only=True)["step"]
-    os.replace(d / LAST, d / f"diverged-step{step}.pt")
-    os.replace(d / PREV, d / LAST)
-    return d / LAST
+def resume_from(path, model, optimizer, cfg=None) -> tuple[list[dict], int]:
+    """Load model and optimizer state from a checkpoint (checksum verified); return its history rows and
+    the next step. With `cfg` (a TrainConfig), a checkpoint of other settings (model config, optimizer
+    kind or hyperparameters, training settings) is refused with a ValueError naming them, before anything
+    loads."""
+    state = load_checkpoint(path)
+    if cfg is not None:
+        check_settings(path, state.get("settings"), run_settings(model, optimizer, cfg))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return list(state["rows"]), state["step"] + 1
