@@ -23,7 +23,7 @@ from einops import rearrange
 
 from ..config import K2Config
 from ..model import K2ForCausalLM
-from ..parallel import shard_experts
+from ..parallel import replicate, shard_experts
 from .experiments import RunSpec
 
 
@@ -79,7 +79,6 @@ def _rank(rank: int, world: int, degree: int, out_dir: str, seed: int, batch: in
         F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
         mine = slice(rank * batch, (rank + 1) * batch)
         shard_experts(model, degree)
-        from ..parallel import replicate
 
         net = replicate(model)  # DDP over the replicated part: each rank holds other experts
         out = net(ids[mine], telemetry=True)
