@@ -50,19 +50,18 @@ def draw_mla(config: K2Config, ax=None):
     else:
         q_from, q_label = (x[0] - 0.6, 0.82), "$W^{Q}$ (q_proj)"
     _box(ax, (q_col - 1.15, 3.5), f"content query $q^C$\n{H} heads x {dn}", HEAD_COLOR, w=2.0)
-    _box(ax, (q_col + 1.15, 3.5), f"rope query $q^R$\n{H} heads x {dr}", HEAD_COLOR, w=2.0)
+    _box(ax, (q_col + 1.15, 3.5), f"rope query $q^R$ (RoPE)\n{H} heads x {dr}", HEAD_COLOR, w=2.0)
     _arrow(ax, q_from, (q_col - 1.15, 3.18), None)
     _arrow(ax, q_from, (q_col + 1.15, 3.18), q_label)
 
     # key/value path: one down-projection gives the latent and the shared rope key
     _box(ax, (kv_col - 1.05, 1.9), f"KV latent $c^{{KV}}_t$\n{c.kv_lora_rank} (RMSNorm)", CACHE_COLOR, w=1.95)
     _box(ax, (kv_col + 1.6, 1.9), f"rope key $k^R_t$\n{dr}, shared by all heads", CACHE_COLOR, w=2.3)
-    _arrow(ax, (x[0] + 0.6, 0.82), (kv_col - 1.05, 1.58), None)
-    _arrow(ax, (x[0] + 0.9, 0.8), (kv_col + 1.6, 1.58), "$W^{DKV}$ (kv_a_proj_with_mqa)")
+    _arrow(ax, (x[0] + 0.6, 0.82), (kv_col + 0.3, 1.40), "$W^{DKV}$ (kv_a_proj_with_mqa)")
     ax.add_patch(FancyBboxPatch((kv_col - 2.15, 1.42), 5.05, 0.96, boxstyle="round,pad=0.03", fc="none",
                                 ec="tab:orange", lw=1.6, ls="--"))
-    ax.text(kv_col + 0.4, 1.16, f"latent cache: {c.kv_lora_rank} + {dr} = {c.kv_lora_rank + dr} numbers per token "
-            "per layer", ha="center", fontsize=7.5, color="tab:orange")
+    ax.text(10.5, 0.45, f"latent cache: {c.kv_lora_rank} + {dr} = {c.kv_lora_rank + dr}\nnumbers per token per layer",
+            ha="right", fontsize=8, color="tab:orange")
     _box(ax, (kv_col - 1.05, 3.5), f"content key $k^C$ {H} x {dn}\nvalue $v$ {H} x {dv}", HEAD_COLOR, w=2.2)
     _arrow(ax, (kv_col - 1.05, 2.22), (kv_col - 1.05, 3.18), "$W^{UKV}$ (kv_b_proj)")
 
@@ -74,6 +73,6 @@ def draw_mla(config: K2Config, ax=None):
     _arrow(ax, (kv_col + 1.6, 2.22), (6.9, 4.74), "RoPE, one key for every head")
     _box(ax, (5.3, 6.6), f"output $u_t$\n{c.hidden_size}", "white", w=2.4)
     _arrow(ax, (5.3, 5.46), (5.3, 6.28), "$W^O$ (o_proj)")
-    ax.set_title(f"MLA: hidden {c.hidden_size}, {H} heads, query latent {c.q_lora_rank}, KV latent {c.kv_lora_rank}, "
-                 f"rope {dr}", fontsize=10)
+    q_latent = f"query latent {c.q_lora_rank}" if c.q_lora_rank else "no query latent"
+    ax.set_title(f"MLA: hidden {c.hidden_size}, {H} heads, {q_latent}, KV latent {c.kv_lora_rank}, rope {dr}", fontsize=10)
     return ax.figure

@@ -55,20 +55,22 @@ def draw_routing(config: K2Config, ax=None):
     _box(ax, (5.0, 1.3), f"top-{k} of {E}\nthe chosen experts $\\mathcal{{K}}_t$", CHOICE_COLOR, w=2.8)
     _arrow(ax, (5.0, 2.45), (5.0, 1.65))
 
-    # the weights: the chosen experts' unbiased scores
+    # the weights: the chosen experts' unbiased scores, over the choice column
     scale = f"x {c.routed_scaling_factor:g}"
     norm = "/ their sum, " if c.norm_topk_prob else ""
-    _box(ax, (8.9, 2.8), f"weights $g_{{t,i}}$: unbiased $s_{{t,i}}$, $i \\in \\mathcal{{K}}_t$\n{norm}{scale}",
+    _box(ax, (8.9, 4.3), f"weights $g_{{t,i}}$: unbiased $s_{{t,i}}$, $i \\in \\mathcal{{K}}_t$\n{norm}{scale}",
          WEIGHT_COLOR, w=3.4)
-    _arrow(ax, (2.0, 3.95), (7.4, 3.05), "unbiased scores (the bias never reaches the weights)", color="tab:blue")
-    _arrow(ax, (6.4, 1.45), (8.2, 2.45), "which ones", color="tab:purple")
+    ax.annotate("", xy=(8.4, 4.67), xytext=(2.2, 4.67),
+                arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2, connectionstyle="arc3,rad=-0.28"))
+    ax.text(5.3, 6.05, "unbiased scores: the bias never reaches the weights", color="tab:blue", ha="center", fontsize=7.5)
+    _arrow(ax, (6.4, 1.45), (8.2, 3.93), "which ones", color="tab:purple")
     shared = (f"+ {c.n_shared_experts} shared expert{'s' if c.n_shared_experts != 1 else ''} (every token)"
               if c.n_shared_experts else "no shared expert")
-    _box(ax, (8.9, 1.0), f"$y_t = \\sum_{{i \\in \\mathcal{{K}}_t}} g_{{t,i}}\\,\\mathrm{{FFN}}_i(x_t)$\n{shared}",
+    _box(ax, (8.9, 1.3), f"$y_t = \\sum_{{i \\in \\mathcal{{K}}_t}} g_{{t,i}}\\,\\mathrm{{FFN}}_i(x_t)$\n{shared}",
          "white", w=3.4)
-    _arrow(ax, (8.9, 2.45), (8.9, 1.35))
-    ax.text(5.0, 5.55, "the bias picks experts (purple) ...", color="tab:purple", ha="center", fontsize=8)
-    ax.text(8.9, 3.55, "... the scores weight them (blue)", color="tab:blue", ha="center", fontsize=8)
+    _arrow(ax, (9.6, 3.93), (9.6, 1.67))
+    ax.text(0.2, 2.0, "purple: the bias picks the experts\nblue: the unbiased scores weight them", fontsize=8,
+            va="center", color="0.2")
     ax.set_title(f"Routing: {E} experts, top-{k}, {G} group{'s' if G != 1 else ''} (keep {kg}), "
                  f"scaling factor {c.routed_scaling_factor:g}", fontsize=10)
     return ax.figure
