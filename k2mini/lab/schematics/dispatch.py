@@ -58,23 +58,22 @@ def draw_dispatch(config: K2Config, degree: int = 4, ax=None):
         first, last = r * n_local, (r + 1) * n_local - 1
         _box(ax, (x, top), f"rank {r}: tokens (T, {H})\nroute: top-{k} of {E}\nsort its T x {k} slots\nby expert",
              TOKEN_COLOR, w)
-        _box(ax, (x, mid), f"experts {first}..{last} ({n_local} of {E})\nSwiGLU {H} -> {I} -> {H}\non the rows received",
-             EXPERT_COLOR, w)
-        _box(ax, (x, bottom), f"rank {r}: weight each\nslot by $g_{{t,i}}$, sum each\ntoken's {k} slots: (T, {H})", TOKEN_COLOR, w)
+        _box(ax, (x, mid), f"experts {first}..{last} ({n_local} of {E})\nSwiGLU {H} -> {I} -> {H}\n"
+             "on the rows received", EXPERT_COLOR, w)
+        _box(ax, (x, bottom), f"rank {r}: weight each\nslot by $g_{{t,i}}$, sum each\ntoken's {k} slots: (T, {H})",
+             TOKEN_COLOR, w)
     for i, xa in enumerate(xs):  # dispatch: every rank to every rank; combine: the mirror image
         for j, xb in enumerate(xs):
-            home = i == j
-            dx = 0.12 * (j - i) / max(len(shown) - 1, 1)
-            _arrow(ax, (xa + dx, top - 0.58), (xb - dx, mid + 0.58), HOME if home else DISPATCH, ls=":" if home else "-",
-                   lw=0.8)
-            _arrow(ax, (xb + dx, mid - 0.58), (xa - dx, bottom + 0.58), HOME if home else COMBINE, ls=":" if home else "-",
-                   lw=0.8)
+            home, dx = i == j, 0.12 * (j - i) / max(len(shown) - 1, 1)
+            style = dict(ls=":" if home else "-", lw=0.8)
+            _arrow(ax, (xa + dx, top - 0.58), (xb - dx, mid + 0.58), HOME if home else DISPATCH, **style)
+            _arrow(ax, (xb + dx, mid - 0.58), (xa - dx, bottom + 0.58), HOME if home else COMBINE, **style)
     if len(shown) < degree:
         for y in (top, mid, bottom):
-            ax.text((xs[1] + xs[2]) / 2, y, f"... {degree - 4} more\nranks ...", ha="center", va="center", fontsize=8,
-                    bbox=dict(fc="white", ec="none"))
-    ax.text(0.05, (top + mid) / 2 + 0.1, f"dispatch (all-to-all):\nrows of {H}\nnumbers, one\nper token-slot", fontsize=7.5,
-            color=DISPATCH, va="center")
+            ax.text((xs[1] + xs[2]) / 2, y, f"... {degree - 4} more\nranks ...", ha="center", va="center",
+                    fontsize=8, bbox=dict(fc="white", ec="none"))
+    ax.text(0.05, (top + mid) / 2 + 0.1, f"dispatch (all-to-all):\nrows of {H}\nnumbers, one\nper token-slot",
+            fontsize=7.5, color=DISPATCH, va="center")
     ax.text(0.05, (mid + bottom) / 2, f"combine (all-to-all):\nthe results\n({H} numbers)\nback to their\ntokens",
             fontsize=7.5, color=COMBINE, va="center")
     ax.text(6.95, 0.25, f"dotted: slots whose expert is on the token's own rank stay home; "
