@@ -9,24 +9,23 @@ are weighted and summed. Slots whose expert lives on the token's own rank never 
 
 from __future__ import annotations
 
+from functools import partial
+
 import matplotlib.pyplot as plt
-from matplotlib.patches import FancyBboxPatch
 
 from ...config import K2Config
+from .shapes import arrow, box
 
 TOKEN_COLOR = "#dbe8f5"  # where a token lives: routing, weighting, summing
 EXPERT_COLOR = "#fbe3c8"  # where an expert lives
 DISPATCH, COMBINE, HOME = "tab:blue", "tab:orange", "0.45"
 
 
-def _box(ax, xy, text, color, w, h=1.1):
-    x, y = xy
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc=color, ec="0.3", lw=1))
-    ax.text(x, y, text, ha="center", va="center", fontsize=7)
+_box = partial(box, h=1.1, size=7)
 
 
 def _arrow(ax, a, b, color, ls="-", lw=1.0):
-    ax.annotate("", xy=b, xytext=a, arrowprops=dict(arrowstyle="->", color=color, lw=lw, ls=ls, shrinkA=2, shrinkB=2))
+    arrow(ax, a, b, color=color, lw=lw, ls=ls, shrink=2)
 
 
 def draw_dispatch(config: K2Config, degree: int = 4, ax=None):

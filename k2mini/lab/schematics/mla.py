@@ -8,26 +8,21 @@ head's content key and value from the latent.
 
 from __future__ import annotations
 
+from functools import partial
+
 import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch
 
 from ...config import K2Config
+from .shapes import arrow, box
 
 CACHE_COLOR = "#f6d7a7"  # what decoding keeps per token
 PATH_COLOR = "#dbe8f5"  # computed per token, never kept
 HEAD_COLOR = "#e4f1e1"  # per head
 
 
-def _box(ax, xy, text, color, w=2.1, h=0.62):
-    x, y = xy
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc=color, ec="0.3", lw=1))
-    ax.text(x, y, text, ha="center", va="center", fontsize=8)
-
-
-def _arrow(ax, a, b, text=None):
-    ax.annotate("", xy=b, xytext=a, arrowprops=dict(arrowstyle="->", color="0.25", lw=1))
-    if text:
-        ax.text((a[0] + b[0]) / 2 + 0.08, (a[1] + b[1]) / 2, text, fontsize=7, color="0.2", va="center")
+_box = partial(box, w=2.1, h=0.62)
+_arrow = partial(arrow, offset=(0.08, 0.0))
 
 
 def draw_mla(config: K2Config, ax=None):

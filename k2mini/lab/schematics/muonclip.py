@@ -10,10 +10,12 @@ sqrt(gamma) each, and the value rows nothing.
 
 from __future__ import annotations
 
+from functools import partial
+
 import matplotlib.pyplot as plt
-from matplotlib.patches import FancyBboxPatch
 
 from ...config import K2Config
+from .shapes import arrow, box
 
 __all__ = ["draw_muonclip"]
 
@@ -23,14 +25,10 @@ KEPT_COLOR = "#e4f1e1"  # rows it leaves alone
 
 
 def _box(ax, x, y, text, color, w, h=0.7, size=8):
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc=color, ec="0.3", lw=1))
-    ax.text(x, y, text, ha="center", va="center", fontsize=size)
+    box(ax, (x, y), text, color, w, h, size)
 
 
-def _arrow(ax, a, b, text=None):
-    ax.annotate("", xy=b, xytext=a, arrowprops=dict(arrowstyle="->", color="0.25", lw=1))
-    if text:
-        ax.text((a[0] + b[0]) / 2 + 0.1, (a[1] + b[1]) / 2, text, fontsize=7, color="0.2", va="center")
+_arrow = partial(arrow, offset=(0.1, 0.0))
 
 
 def draw_muonclip(config: K2Config, ax=None):

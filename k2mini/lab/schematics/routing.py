@@ -7,25 +7,19 @@ scaled; add the shared expert, which every token passes through.
 
 from __future__ import annotations
 
+from functools import partial
+
 import matplotlib.pyplot as plt
-from matplotlib.patches import FancyBboxPatch
 
 from ...config import K2Config
+from .shapes import arrow, box
 
 CHOICE_COLOR = "#e9dcf2"  # where the bias acts: which experts, never how much
 WEIGHT_COLOR = "#dbe8f5"  # from the unbiased scores
 
 
-def _box(ax, xy, text, color, w=2.6, h=0.7):
-    x, y = xy
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc=color, ec="0.3", lw=1))
-    ax.text(x, y, text, ha="center", va="center", fontsize=8)
-
-
-def _arrow(ax, a, b, text=None, color="0.25"):
-    ax.annotate("", xy=b, xytext=a, arrowprops=dict(arrowstyle="->", color=color, lw=1))
-    if text:
-        ax.text((a[0] + b[0]) / 2 + 0.08, (a[1] + b[1]) / 2 + 0.05, text, fontsize=7, color="0.2")
+_box = partial(box, w=2.6, h=0.7)
+_arrow = partial(arrow, offset=(0.08, 0.05), va="baseline")
 
 
 def draw_routing(config: K2Config, ax=None):
