@@ -51,6 +51,8 @@ _K2 = dict(
     quantization_config=dict(K2_QUANTIZATION_CONFIG),
 )
 
+_K2_256K = {**_K2, "rope_scaling": {**_K2["rope_scaling"], "factor": 64.0}, "max_position_embeddings": 262144}
+
 # CPU-sized minis with K2's proportions: MLA with a latent, sigmoid routing over fine-grained experts
 # plus one shared expert, one dense first layer, no yarn (short contexts). Byte-level vocabulary (260).
 _MINI = dict(
@@ -81,17 +83,10 @@ _MINI = dict(
 
 PRESETS: dict[str, dict] = {
     "kimi-k2": _K2,
-    "kimi-k2-instruct-0905": {
-        **_K2,
-        "rope_scaling": {**_K2["rope_scaling"], "factor": 64.0},
-        "max_position_embeddings": 262144,
-    },
-    # K2.5 / K2.6 (text model): K2's sizes, yarn factor 64 over the same 4,096 original tokens (256K)
-    "kimi-k2.5": {
-        **_K2,
-        "rope_scaling": {**_K2["rope_scaling"], "factor": 64.0},
-        "max_position_embeddings": 262144,
-    },
+    # Kimi-K2-Instruct-0905 and K2.5 / K2.6 (text model): K2's sizes, yarn factor 64 over the same 4,096
+    # original tokens (256K)
+    "kimi-k2-instruct-0905": _K2_256K,
+    "kimi-k2.5": _K2_256K,
     "moonlight-16b-a3b": dict(
         vocab_size=163840,
         hidden_size=2048,
@@ -120,43 +115,25 @@ PRESETS: dict[str, dict] = {
         eos_token_id=163585,
         model_type="deepseek_v3",
     ),
-    "deepseek-v3": dict(
-        vocab_size=129280,
-        hidden_size=7168,
-        intermediate_size=18432,
-        moe_intermediate_size=2048,
-        num_hidden_layers=61,
-        first_k_dense_replace=3,
-        num_attention_heads=128,
-        n_routed_experts=256,
-        num_experts_per_tok=8,
-        n_shared_experts=1,
-        n_group=8,
-        topk_group=4,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        rope_theta=10000.0,
-        rope_scaling=dict(
-            rope_type="yarn",
-            factor=40.0,
-            original_max_position_embeddings=4096,
-            beta_fast=32.0,
-            beta_slow=1.0,
-            mscale=1.0,
-            mscale_all_dim=1.0,
-        ),
-        max_position_embeddings=163840,
-        rms_norm_eps=1e-6,
-        bos_token_id=0,
-        eos_token_id=1,
-        model_type="deepseek_v3",
-        quantization_config=dict(K2_QUANTIZATION_CONFIG),
-    ),
+    # DeepSeek-V3 written as its differences from K2, which shares its architecture (docs/K2_FACTS.md
+    # section 1): twice the heads, 256 experts instead of 384 (sparsity 32, not 48), three dense layers,
+    # node-limited routing (8 groups, 4 kept), another vocabulary, rope base and yarn.
+    "deepseek-v3": {
+        **_K2,
+        "vocab_size": 129280,
+        "first_k_dense_replace": 3,
+        "num_attention_heads": 128,
+        "n_routed_experts": 256,
+        "n_group": 8,
+        "topk_group": 4,
+        "routed_scaling_factor": 2.5,
+        "rope_theta": 10000.0,
+        "rope_scaling": {**_K2["rope_scaling"], "factor": 40.0, "beta_fast": 32.0},
+        "max_position_embeddings": 163840,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "model_type": "deepseek_v3",
+    },
     # sparsity 16 (64 experts, 4 active + 1 shared): the default mini for training notebooks
     "k2-mini": _MINI,
     # K2's own sparsity 48 (192 experts, 4 active) at the same active size
