@@ -159,6 +159,7 @@ def test_a_full_disk_under_analysis_results_names_the_file(tmp_path):
 
 DDP_CHILD = """
 import sys
+from pathlib import Path
 import torch
 import torch.distributed as dist
 import k2mini
@@ -170,12 +171,18 @@ dist.init_process_group("gloo")
 data = k2mini.make_dataset(k2mini.load_corpus(corpus), val_fraction=0.1, block_size=256)
 torch.manual_seed(0)
 model = k2mini.K2ForCausalLM(k2mini.K2Config.preset("k2-micro").replace(**TINY_CONFIG))
+rank = dist.get_rank()
 try:
     k2mini.train(model, data, torch.optim.AdamW(model.parameters()), 2, batch_size=2, seq_len=16, eval_every=0,
                  checkpoint_dir=ck, overwrite=True, progress=False)
-    print(f"rank {dist.get_rank()} trained")
+    said = f"rank {rank} trained"
 except LockedError as e:
-    print(f"rank {dist.get_rank()} refused: {e}")
+    said = f"rank {rank} refused: {e}"
+# each rank's outcome in a file of its own (two ranks share torchrun's stdout), then on stdout for the log
+out = Path(ck).parent / f"rank{rank}.txt"
+out.with_suffix(".tmp").write_text(said)
+out.with_suffix(".tmp").replace(out)
+print(said, flush=True)
 dist.destroy_process_group()
 """
 @pytest.mark.multiprocess
@@ -197,8 +204,9 @@ def test_under_torchrun_every_rank_is_refused_a_busy_checkpoint_dir_and_none_wai
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "--rdzv-backend=c10d",
              "--rdzv-endpoint=127.0.0.1:0", str(script), str(ck), str(corpus)],
             env=child_env(), capture_output=True, text=True, timeout=120)
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2, done
+    said = sorted(tmp_path.glob("rank*.txt"))
+    assert [p.name for p in said] == ["rank0.txt", "rank1.txt"], (done.returncode, done.stdout, done.stderr)
+    lines = [p.read_text() for p in said]
     assert lines[0].startswith(f"rank 0 refused: checkpoint_dir {str(ck)!r} is in use by pid {os.getpid()} "), lines
     assert lines[1].startswith(f"rank 1 refused: rank 0: checkpoint_dir {str(ck)!r} is in use by pid {os.getpid()} "), lines
     assert os.listdir(ck) == []
