@@ -15,7 +15,11 @@ Paths, each against "today" (the library's defaults), in one process, runs inter
             not the default
   compiled  model.compile_layers() (with --compile: compilation costs minutes on 2 busy cores, and is
             excluded from the timing)
-A path's losses must equal today's to float tolerance (printed, and checked against 1e-4 nats).
+  bf16      the whole run under torch.autocast("cpu", bfloat16): float32 master weights and optimizer, matmuls
+            in bfloat16 (with --bf16). Its losses are not today's: "max |dloss|" is what bf16 costs in
+            accuracy over the run, and the bf16 / float32 rate of a large matmul, measured first, says
+            whether this CPU computes bf16 natively (AMX, AVX-512 BF16) or emulates it
+A path's losses must equal today's to float tolerance (printed, and checked against 1e-4 nats), except bf16's.
 
 The anchor is a 2048^3 float32 matmul timed in the same process at the same thread count. A step's
 FLOPs are counted from its matmuls (6 x active matmul parameters x tokens, plus attention's
@@ -27,6 +31,7 @@ fixed + per-sequence, the fixed part being per-op overhead that does not grow wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -41,9 +46,9 @@ LOSS_TOL = 1e-4  # nats: float reassociation, not a different trajectory, at the
 GOAL_SPEEDUP, GOAL_SHARE = 4.0, 0.40
 
 
-def matmul_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n^3 float32 matmul, best of `repeats`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(threads: int, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an n^3 matmul in `dtype`, best of `repeats`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -113,8 +118,13 @@ def run(spec, path: str, data, step_times: list | None = None):
     marks = []
     settings = dict(batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.batch_seed,
                     eval_every=spec.eval_every, eval_batches=spec.eval_batches, **spec.train_settings)
+    # one autocast region around the whole run, as a user would write it (train() clears autocast's cast cache
+    # after every optimizer step, so each forward casts the updated weights)
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if path == "bf16" else contextlib.nullcontext()
     t0 = time.perf_counter()
-    h = train(model, data, opt, spec.steps, progress=False, callback=lambda s, r: marks.append(time.perf_counter()), **settings)
+    with precision:
+        h = train(model, data, opt, spec.steps, progress=False, callback=lambda s, r: marks.append(time.perf_counter()),
+                  **settings)
     wall = time.perf_counter() - t0
     if step_times is not None:
         step_times.extend(np.diff([t0, *marks]))
@@ -163,6 +173,8 @@ def _table(paths, walls, worst, tokens, flops, threads, anchor_1, tol):
                       f"{rate:.1f}", f"{share:.1%}", f"{worst[p]:.1e}", "yes" if worst[p] <= tol else "NO"))
     print_table(table, ("path", "wall s", "tokens/s", "vs today", "GFLOP/s", "per core / anchor", "max |dloss|",
                         "losses equal"))
+    if "bf16" in out:
+        print("bf16: its max |dloss| is what bfloat16 matmuls cost in accuracy over the run, not a tolerance miss")
     return out
 
 
@@ -213,11 +225,17 @@ def main():
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--shapes", default="05,04")
     parser.add_argument("--compile", action="store_true", help="also time model.compile_layers()")
+    parser.add_argument("--bf16", action="store_true", help="also time the runs under bfloat16 autocast")
     args = parser.parse_args()
     anchor = Anchor()
     anchor.measure(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    paths = ["today", "foreach"] + (["compiled"] if args.compile else [])
+    paths = ["today", "foreach"] + (["compiled"] if args.compile else []) + (["bf16"] if args.bf16 else [])
+    if args.bf16:
+        torch.set_num_threads(args.threads)
+        rate32, rate16 = matmul_rate(args.threads), matmul_rate(args.threads, dtype=torch.bfloat16)
+        print(f"2048^3 matmul: float32 {rate32:.0f} GFLOP/s, bfloat16 {rate16:.0f} GFLOP/s ({rate16 / rate32:.2f}x): "
+              f"{'this CPU computes bf16 natively' if rate16 > 1.2 * rate32 else 'bf16 is no faster than float32 here'}")
     reports = {shape: sweep(shape, args.steps, list(range(args.seeds)), paths, anchor, args.threads)
                for shape in args.shapes.split(",")}
     fixed, per_seq = where_time_goes(max(args.steps, 8), args.threads, anchor)

@@ -203,6 +203,9 @@ def train_step(model, net, optimizer, data, step: int, cfg: TrainConfig,
         _optimizer_step(optimizer, max_logits)
     except NonFiniteGradientError as e:  # the optimizer's own check; it changed nothing
         return StepResult(loss_value, grad_norm=grad_norm, problem=f"a gradient became non-finite ({e})")
+    # Inside a caller's torch.autocast region, autocast keeps the low-precision copies of the weights it
+    # made until the region ends: the next forward would run on this step's weights before the update.
+    torch.clear_autocast_cache()
     if cfg.balancing.startswith("loss_free") and loads is not None:
         _update_correction_biases(model.moe_layers(), loads, cfg.bias_update_speed)
     return StepResult(loss_value, float(aux.detach()), grad_norm, max_logits, loads)

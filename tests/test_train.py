@@ -52,6 +52,20 @@ def test_runs_are_deterministic(data):
     assert a["train_loss"].tolist() == b["train_loss"].tolist()
 
 
+def test_training_inside_autocast_sees_every_steps_weights(data):
+    """`with torch.autocast("cpu", dtype=torch.bfloat16): train(...)` runs every step in one autocast region,
+    whose cast cache would keep the bf16 copies of the first step's weights for the whole run (the loss then
+    barely falls). train() clears it after each optimizer step: the run equals one without the cache."""
+    runs = {}
+    for cache in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+            runs[cache] = train((m := fresh()), data, adamw(m, lr=1e-2), 8, **SETTINGS)["train_loss"].tolist()
+    assert runs[True] == runs[False]
+    float32 = train((m := fresh()), data, adamw(m, lr=1e-2), 8, **SETTINGS)["train_loss"].tolist()
+    assert runs[True][-1] < runs[True][0] - 0.5  # it learns, as the float32 run does
+    assert abs(runs[True][-1] - float32[-1]) < 0.1, (runs[True], float32)
+
+
 def test_resume_equals_uninterrupted(data, tmp_path):
     full = train((m := fresh()), data, adamw(m), 10, checkpoint_every=2, checkpoint_dir=tmp_path / "a", **SETTINGS)
     # interrupted during step 5: the last checkpoint is the one after step 3
