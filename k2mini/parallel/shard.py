@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .experts import ExpertParallelExperts
 from .groups import expert_parallel_groups
 
+
 def _expert_grad_hook(groups):
     def hook(grad):
         grad = grad / groups.world

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from functools import partial
 
-import matplotlib.pyplot as plt
-
 from ...config import K2Config
-from .shapes import arrow, box
+from .shapes import arrow, box, canvas
 
 TOKEN_COLOR = "#dbe8f5"  # where a token lives: routing, weighting, summing
 EXPERT_COLOR = "#fbe3c8"  # where an expert lives
@@ -39,12 +37,8 @@ def draw_dispatch(config: K2Config, degree: int = 4, ax=None):
         raise ValueError(f"draw_dispatch: degree must divide n_routed_experts={E} (got {degree})")
     n_local = E // degree
     shown = list(range(degree)) if degree <= 4 else [0, 1, degree - 2, degree - 1]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(12, 6.2))
     width = 12.8  # drawing units; the labels of the all-to-alls sit left of the first rank
-    ax.set_xlim(0, width)
-    ax.set_ylim(0, 7.4)
-    ax.axis("off")
+    ax = canvas(ax, (12, 6.2), (0, width), (0, 7.4))
     if len(shown) < degree:  # a gap in the middle for the elided ranks
         xs = [2.4, 4.9, 9.0, 11.5]
     elif len(shown) > 1:

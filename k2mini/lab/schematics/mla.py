@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from functools import partial
 
-import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch
 
 from ...config import K2Config
-from .shapes import arrow, box
+from .shapes import arrow, box, canvas
 
 CACHE_COLOR = "#f6d7a7"  # what decoding keeps per token
 PATH_COLOR = "#dbe8f5"  # computed per token, never kept
@@ -29,11 +28,7 @@ def draw_mla(config: K2Config, ax=None):
     """One MLA layer of `config`: its projections, their output sizes, and the latent cache. -> Figure."""
     c = config
     H, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 5.6))
-    ax.set_xlim(0, 10.6)
-    ax.set_ylim(0, 7.4)
-    ax.axis("off")
+    ax = canvas(ax, (10, 5.6), (0, 10.6), (0, 7.4))
 
     x, q_col, kv_col = (5.3, 0.5), 2.2, 7.4
     _box(ax, x, f"hidden state $x_t$\n{c.hidden_size}", "white", w=2.4)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from functools import partial
 
-import matplotlib.pyplot as plt
-
 from ...config import K2Config
-from .shapes import arrow, box
+from .shapes import arrow, box, canvas
 
 __all__ = ["draw_muonclip"]
 
@@ -38,11 +36,7 @@ def draw_muonclip(config: K2Config, ax=None):
     dn, dr, dv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     q_in = c.q_lora_rank or c.hidden_size  # q_b_proj reads the query latent; without one, q_proj reads x
     q_name = "q_b_proj" if c.q_lora_rank else "q_proj"
-    if ax is None:
-        _, ax = plt.subplots(figsize=(12, 6.2))
-    ax.set_xlim(0, 12)
-    ax.set_ylim(0.4, 7.7)
-    ax.axis("off")
+    ax = canvas(ax, (12, 6.2), (0, 12), (0.4, 7.7))
 
     # 1. forward: the max logit of every head; 2. the optimizer step
     _box(ax, 1.75, 6.75, f"1. forward pass on the batch:\nmax logit $S_{{l,h}}$ of {L} layers x {H} heads", STEP_COLOR, 3.1,

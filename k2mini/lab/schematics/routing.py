@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from functools import partial
 
-import matplotlib.pyplot as plt
-
 from ...config import K2Config
-from .shapes import arrow, box
+from .shapes import arrow, box, canvas
 
 CHOICE_COLOR = "#e9dcf2"  # where the bias acts: which experts, never how much
 WEIGHT_COLOR = "#dbe8f5"  # from the unbiased scores
@@ -26,11 +24,7 @@ def draw_routing(config: K2Config, ax=None):
     """One MoE layer's routing of `config`: scores, bias for the choice, group limit, top-k, weights. -> Figure."""
     c = config
     E, k, G, kg = c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 5.2))
-    ax.set_xlim(0, 11)
-    ax.set_ylim(0, 6.6)
-    ax.axis("off")
+    ax = canvas(ax, (10, 5.2), (0, 11), (0, 6.6))
 
     _box(ax, (1.5, 5.8), f"token $x_t$\nhidden {c.hidden_size}", "white", w=2.2)
     _box(ax, (1.5, 4.3), f"scores $s_{{t,i}} = \\sigma(w_i \\cdot x_t)$\n{E} experts, each in (0, 1)", WEIGHT_COLOR,

@@ -1,8 +1,19 @@
-"""The two marks every schematic is drawn with: a rounded box with its label, an arrow with an optional label."""
+"""What every schematic is drawn with: a blank canvas, a rounded box with its label, an arrow with an optional label."""
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch
+
+
+def canvas(ax, figsize, xlim, ylim):
+    """`ax` (a new figure of `figsize` when None) with the drawing's limits and no axes drawn."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.axis("off")
+    return ax
 
 
 def box(ax, xy, text, color, w, h, size=8):
