@@ -2,12 +2,11 @@
 False and a positive control that makes it True. The same-E controls include real runs: the arm
 trained again as itself, and the same E from another initialization on the same batches."""
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from k2mini.data import Corpus, make_dataset
-from k2mini.lab.claims.sparsity import gap_narrows_with_training, less_compute_for_the_same_loss, more_experts_ahead
+from k2mini.lab.claims.sparsity import lead_grows_with_what_there_is_to_know, less_compute_for_the_same_loss, more_experts_ahead
 from k2mini.lab.experiments import RunSpec, run_sweep
 from k2mini.lab.sparsity_study import compute_to_match, paired_gaps, paired_specs, val_curves
 
@@ -25,16 +24,6 @@ def same_e_curves():
     specs = paired_specs(base, [4], seeds=[0, 1, 2], control=4)
     runs = run_sweep(specs, cache=False, data=data, progress=False)
     return val_curves(runs)
-
-
-def _curves(gap_by_seed, steps=(100, 200, 300), base=2.0, more=64, fewer=8):
-    """Hand-made curves: `fewer` falls as 1/sqrt(step); `more` sits `gap_by_seed[s][i]` from it."""
-    rows = []
-    for s, gaps in gap_by_seed.items():
-        for st, g in zip(steps, gaps):
-            f = base + 1 / np.sqrt(st) + 0.01 * s
-            rows += [{"arm": fewer, "seed": s, "step": st, "val_loss": f}, {"arm": more, "seed": s, "step": st, "val_loss": f + g}]
-    return pd.DataFrame(rows)
 
 
 def test_claim_more_experts_ahead_fails_when_all_arms_are_the_same_e(same_e_curves):
@@ -63,21 +52,26 @@ def test_claim_more_experts_ahead_fails_on_swapped_arms_and_holds_on_a_clear_lea
         more_experts_ahead(pd.Series([-0.1]), control)
 
 
-def test_claim_gap_narrows_with_training_fails_on_the_same_e_control(same_e_curves):
-    noise = paired_gaps(same_e_curves, "4'", 4)
-    assert not gap_narrows_with_training(noise, noise)  # all arms the same E: it cannot beat its own movement
+def test_claim_lead_grows_with_what_there_is_to_know_fails_on_one_corpus_twice(same_e_curves):
+    """The same runs in both places (as much to know): the lead cannot grow, whatever the runs did."""
+    final = same_e_curves.step.max()
+    noise = paired_gaps(same_e_curves, "4'", 4)[final]
+    assert not lead_grows_with_what_there_is_to_know(noise, noise, noise)
 
 
-def test_claim_gap_narrows_with_training_holds_on_a_falling_gap_and_fails_reversed():
-    curves = _curves({0: [0.05, 0.0, -0.04], 1: [0.06, 0.02, -0.02], 2: [0.03, -0.01, -0.05]})
-    control = _curves({0: [0.01, 0.0, 0.012], 1: [-0.01, 0.0, -0.005], 2: [0.0, 0.01, 0.005]})
-    gaps, noise = paired_gaps(curves, 64, 8), paired_gaps(control, 64, 8)
-    v = gap_narrows_with_training(gaps, noise)
-    assert v and v.margin == pytest.approx(0.08 - 0.005)
-    reversed_in_time = gaps[gaps.columns[::-1]]
-    reversed_in_time.columns = gaps.columns
-    assert not gap_narrows_with_training(reversed_in_time, noise)
-    assert not gap_narrows_with_training(noise, noise)  # the control in place of the arm
+def test_claim_lead_grows_with_what_there_is_to_know_holds_and_fails_swapped_or_inside_noise():
+    much = pd.Series([-0.08, -0.085, -0.09])
+    little = pd.Series([-0.002, 0.0, 0.001])
+    control = pd.Series([0.014, 0.039, 0.012])
+    v = lead_grows_with_what_there_is_to_know(much, little, control)
+    assert v and v.margin == pytest.approx(0.078 - 0.039)
+    assert not lead_grows_with_what_there_is_to_know(little, much, control)  # corpora swapped
+    assert not lead_grows_with_what_there_is_to_know(much, much, control)  # the same corpus twice
+    assert not lead_grows_with_what_there_is_to_know(much, little, pd.Series([0.0, 0.1, 0.0]))  # inside noise
+    # one seed whose lead does not grow is not "every seed"
+    assert not lead_grows_with_what_there_is_to_know(pd.Series([-0.08, -0.085, 0.0]), little, control)
+    with pytest.raises(ValueError, match="2 seeds"):
+        lead_grows_with_what_there_is_to_know(much, little.iloc[:1].set_axis([7]), control)
 
 
 def test_claim_less_compute_for_the_same_loss_holds_ahead_and_fails_identical_or_swapped():
@@ -110,3 +104,22 @@ def test_claim_more_experts_ahead_on_the_committed_record_holds_for_e64_and_fail
     assert not more_experts_ahead(paired_gaps(curves, 8, 8)[final])  # all arms the same E: zero gaps
     law = compute_to_match(curves, baseline=8)
     assert less_compute_for_the_same_loss(law, 64) and not less_compute_for_the_same_loss(law, 8)
+
+
+def test_claim_less_compute_for_the_same_loss_must_beat_the_same_e_control():
+    """Another initialization of the baseline can reach its final loss early by luck: the arm's compute
+    ratio must exceed the same-E control's, and the control in the arm's place fails."""
+    steps = [100, 200, 300, 400]
+    curves = {8: [1.30, 1.15, 1.08, 1.05], 64: [1.25, 1.08, 1.01, 0.97], "8'": [1.28, 1.10, 1.04, 1.02]}
+    rows = [{"arm": a, "seed": 0, "step": s, "val_loss": v} for a, c in curves.items() for s, v in zip(steps, c)]
+    table = compute_to_match(pd.DataFrame(rows), baseline=8)
+    assert table.loc["8'", "compute_ratio"] > 1  # the lucky control reaches E = 8's final loss early
+    v = less_compute_for_the_same_loss(table, 64, control="8'")
+    assert v and v.margin == pytest.approx(table.loc[64, "compute_ratio"] - table.loc["8'", "compute_ratio"])
+    assert not less_compute_for_the_same_loss(table, "8'", control="8'")  # the control as the arm
+    slower = {**curves, 64: [1.29, 1.12, 1.06, 1.03]}  # ahead of E = 8, behind the lucky control
+    rows = [{"arm": a, "seed": 0, "step": s, "val_loss": v} for a, c in slower.items() for s, v in zip(steps, c)]
+    t2 = compute_to_match(pd.DataFrame(rows), baseline=8)
+    assert less_compute_for_the_same_loss(t2, 64) and not less_compute_for_the_same_loss(t2, 64, control="8'")
+    with pytest.raises(ValueError, match="no arm"):
+        less_compute_for_the_same_loss(table, 64, control="16'")

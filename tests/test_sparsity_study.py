@@ -1,5 +1,7 @@
 """The sparsity study's bookkeeping: paired arms and their control, gap curves, compute to match a loss."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,8 @@ from k2mini.lab.sparsity_study import (
     CONTROL_SEED_OFFSET,
     arm_name,
     compute_to_match,
-    dictionary_text,
+    languages_corpus,
+    languages_text,
     paired_gaps,
     paired_specs,
 )
@@ -48,10 +51,27 @@ def test_compute_to_match_interpolates_in_log_steps():
     assert t.loc[64, "compute_ratio"] == pytest.approx(2.0)
 
 
-def test_dictionary_text_is_a_fixed_lookup():
-    text = dictionary_text(50, 5000, seed=3)
-    lines = text.splitlines()
-    pairs = dict(line.split("=") for line in lines)
-    assert len(pairs) <= 50 and all(len(k) == 4 and len(v) == 4 for k, v in pairs.items())
-    assert all(pairs[k] == v for k, v in (line.split("=") for line in lines))  # one value per key
-    assert dictionary_text(50, 5000, seed=3) == text
+def test_languages_text_is_lines_of_sparse_bigram_languages():
+    text = languages_text(6, 20_000, letters=5, successors=2, doc_len=100, seed=3)
+    assert len(text) == 20_000 and text == languages_text(6, 20_000, letters=5, successors=2, doc_len=100, seed=3)
+    lines = text.split("\n")
+    assert all(len(line) == 99 for line in lines[:-1])
+    for line in lines[:-1]:
+        assert len(set(line)) <= 5  # one language's letters
+        follows: dict[str, set[str]] = {}
+        for a, b in zip(line, line[1:]):
+            follows.setdefault(a, set()).add(b)
+        assert all(len(s) <= 2 for s in follows.values())  # its sparse bigram table
+    # the languages differ: the lines use more symbols between them than one language has
+    assert len(set(text) - {"\n"}) > 5
+    assert languages_text(6, 20_000, letters=5, successors=2, doc_len=100, seed=4) != text
+    with pytest.raises(ValueError, match="letters"):
+        languages_text(2, 1000, letters=40)
+
+
+def test_languages_corpus_is_written_once_and_reused(tmp_path):
+    path = languages_corpus(3, 5000, root=tmp_path, letters=4)
+    assert path.startswith(str(tmp_path / "synthetic")) and "L3" in path and "letters4" in path
+    assert open(path).read() == languages_text(3, 5000, letters=4)
+    assert languages_corpus(3, 5000, root=tmp_path, letters=4) == path
+    assert list((tmp_path / "synthetic").iterdir()) == [Path(path)]  # no temporary file left

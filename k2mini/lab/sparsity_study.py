@@ -34,8 +34,8 @@ __all__ = [
     "val_curves",
     "paired_gaps",
     "compute_to_match",
-    "dictionary_text",
-    "dictionary_corpus",
+    "languages_text",
+    "languages_corpus",
 ]
 
 CONTROL_SEED_OFFSET = 1000  # the control's initialization: seed + this, on the batches of `seed`
@@ -127,30 +127,49 @@ def compute_to_match(curves: pd.DataFrame, baseline=8, target: float | None = No
     return out
 
 
-def dictionary_text(n_pairs: int, n_bytes: int, seed: int = 0, key_len: int = 4, value_len: int = 4) -> str:
-    """A corpus where capacity binds early: lines ``key=value`` drawn at random from one fixed dictionary
-    of `n_pairs` random lowercase keys and values. The keys are unpredictable (log 26 nats per letter,
-    whatever the model); the values are a lookup the model can only learn by storing the dictionary in
-    its weights, so the loss on them measures how much of it the parameters hold."""
+LANGUAGES_VERSION = 1  # part of the file name: a change to `languages_text` writes a new corpus
+
+
+def languages_text(n_languages: int = 48, n_bytes: int = 2_000_000, *, alphabet: int = 32, letters: int = 12,
+                   successors: int = 2, doc_len: int = 256, seed: int = 0) -> str:
+    """A corpus where what there is to know outgrows a small model: `n_languages` random "languages",
+    one per line of `doc_len` bytes.
+
+    Each language writes with its own `letters` of an `alphabet` of symbols (a-z, A-F), and after each
+    of its letters it allows only `successors` others (drawn at random once, per language): a sparse
+    bigram table. A line picks a language at random and walks its table uniformly. Knowing a line's
+    language and its last byte leaves log(`successors`) nats per byte; a model must hold every
+    language's table (n_languages x letters x successors entries) and tell the language from the
+    line so far. The tables are fixed by `seed`; the same call gives the same text."""
+    if not 2 <= letters <= alphabet <= 32 or not 1 <= successors <= letters:
+        raise ValueError(f"languages_text: need 2 <= letters ({letters}) <= alphabet ({alphabet}) <= 32 and "
+                         f"1 <= successors ({successors}) <= letters")
     rng = np.random.default_rng(seed)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    keys: dict[str, None] = {}
-    while len(keys) < n_pairs:
-        keys["".join(rng.choice(letters, key_len))] = None
-    pairs = [f"{k}={''.join(rng.choice(letters, value_len))}\n" for k in keys]
-    line = key_len + value_len + 2
-    order = rng.integers(0, n_pairs, n_bytes // line)
-    return "".join(pairs[i] for i in order)
+    symbols = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEF"[:alphabet], dtype=np.uint8)
+    uses = np.stack([rng.choice(alphabet, letters, replace=False) for _ in range(n_languages)])  # (L, letters)
+    table = np.stack([np.stack([rng.choice(letters, successors, replace=False) for _ in range(letters)])
+                      for _ in range(n_languages)])  # (L, letters, successors): indices into the language's letters
+    n_docs = -(-n_bytes // doc_len)
+    lang = rng.integers(0, n_languages, n_docs)
+    pick = rng.integers(0, successors, (n_docs, doc_len - 2))
+    walk = np.empty((n_docs, doc_len - 1), dtype=np.int64)  # positions in the language's letters
+    walk[:, 0] = rng.integers(0, letters, n_docs)
+    for t in range(doc_len - 2):
+        walk[:, t + 1] = table[lang, walk[:, t], pick[:, t]]
+    lines = np.empty((n_docs, doc_len), dtype=np.uint8)
+    lines[:, :-1] = symbols[uses[lang[:, None], walk]]
+    lines[:, -1] = ord("\n")
+    return lines.tobytes()[:n_bytes].decode("ascii")
 
 
-def dictionary_corpus(n_pairs: int = 1500, n_bytes: int = 2_000_000, seed: int = 0, root=None) -> str:
-    """The path (a string, for `RunSpec.corpus`) of `dictionary_text(n_pairs, n_bytes, seed)`, written once
-    under `<data root>/synthetic/` (atomically) and reused."""
-
+def languages_corpus(n_languages: int = 48, n_bytes: int = 2_000_000, seed: int = 0, root=None, **shape) -> str:
+    """The path (a string, for `RunSpec.corpus`) of `languages_text(n_languages, n_bytes, seed=seed, **shape)`,
+    written once under `<data root>/synthetic/` (atomically: two notebooks may ask at once) and reused."""
     folder = (default_data_root() if root is None else Path(root)) / "synthetic"
-    path = folder / f"dictionary-{n_pairs}-{n_bytes}-{seed}.txt"
+    extra = "".join(f"-{k}{v}" for k, v in sorted(shape.items()))
+    path = folder / f"languages-v{LANGUAGES_VERSION}-L{n_languages}-{n_bytes}-seed{seed}{extra}.txt"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, "w") as f:
-            f.write(dictionary_text(n_pairs, n_bytes, seed))
+            f.write(languages_text(n_languages, n_bytes, seed=seed, **shape))
     return str(path)
