@@ -27,3 +27,22 @@ def test_a_record_of_another_format_is_refused(tmp_path):
     p.write_text(json.dumps({"format": 0, "rows": []}))
     with pytest.raises(ValueError, match="format"):
         read_margins(p)
+
+
+def test_notebook_05s_margins_run_the_notebooks_own_parameters(monkeypatch):
+    """The margins of notebook 05 re-run its section 2: a change to the notebook's parameters cell that
+    the margins study does not follow fails here."""
+    from pathlib import Path
+
+    from k2mini.lab.margins import NB05
+
+    monkeypatch.delenv("K2MINI_SCALE", raising=False)
+    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "05_sparsity_scaling.ipynb").read_text())
+    params: dict = {}
+    exec("".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"]), params)
+    assert params["SCALE"] == "ci"
+    mine = dict(experts=params["EXPERTS"], control=params["CONTROL"], languages=params["LANGUAGES"], few=params["FEW"],
+                steps=params["STEPS"], n_seeds=len(params["SEEDS"]), lr=params["LR"], batch_size=params["BATCH"],
+                seq_len=params["SEQ"], u=params["U"], model=params["MODEL"])
+    assert mine == NB05
+    assert params["SEEDS"] == list(range(3))  # the notebook's seeds are the margins' seed 0

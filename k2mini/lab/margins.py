@@ -1,4 +1,4 @@
-"""How far each checked claim of notebooks 04 and 06 holds on other seeds and float kernels.
+"""How far each checked claim of notebooks 04, 05 and 06 holds on other seeds and float kernels.
 
 A notebook checks its claims on one seed under the kernels of the machine that runs it; this module
 re-runs the notebook's own study for another seed (and, run under ``ATEN_CPU_CAPABILITY=default`` or
@@ -22,13 +22,18 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["study_04", "study_06", "verdicts_04", "verdicts_06", "read_margins", "MARGIN_FORMAT"]
+__all__ = ["study_04", "study_05", "study_06", "verdicts_04", "verdicts_05", "verdicts_06", "read_margins",
+           "MARGIN_FORMAT"]
 
 MARGIN_FORMAT = 1
 
 # notebook 04's ci parameters (its parameters cell)
 NB04 = dict(preset="k2-micro", steps=150, lrs=[1e-2, 3e-2, 1e-1], tau=30.0, tau_k2=100.0, weight_decay=0.1,
             batch_size=8, seq_len=128)
+# notebook 05's section 2 (its claims are over a set of seeds: a "seed" s here is the set s, s + 1, s + 2)
+NB05 = dict(experts=[8, 16, 32, 64], control=8, languages=48, few=4, steps=400, n_seeds=3, lr=5e-3, batch_size=16,
+            seq_len=64, u=1e-2, model={"num_hidden_layers": 1, "first_k_dense_replace": 0, "num_experts_per_tok": 4,
+                                       "moe_intermediate_size": 16})
 # notebook 06's: notebook 02's comparison runs (ci) and the degree the dispatch claim is checked at
 NB06 = dict(last=50, degree=4)
 
@@ -59,6 +64,43 @@ def verdicts_04(table, runs, long, constant) -> dict:
                                                              clips_per_part(constant.history, constant.spec.steps)),
         "adamw_logits_exceed_muon": c.adamw_logits_exceed_muon(table),
         "muon_beats_adamw": c.muon_beats_adamw(best["muon"], best["adamw"]),
+    }
+
+
+def study_05(seed: int, progress: bool = False):
+    """Notebook 05's ci sweep for the seeds `seed`, `seed` + 1, `seed` + 2: (runs on 48 languages with the
+    same-E control, runs of E = 8 and 64 on 4 languages)."""
+    from .experiments import RunSpec, run_sweep
+    from .sparsity_study import languages_corpus, paired_specs
+
+    n = NB05
+    seeds = list(range(seed, seed + n["n_seeds"]))
+    base = RunSpec(preset="k2-micro", config=n["model"], optimizer="adamw", lr=n["lr"], steps=n["steps"],
+                   batch_size=n["batch_size"], seq_len=n["seq_len"], eval_every=n["steps"] // 4, eval_batches=16,
+                   corpus=languages_corpus(n["languages"]),
+                   train={"balancing": "loss_free", "bias_update_speed": n["u"], "schedule": "cosine", "warmup_steps": 20})
+    specs = paired_specs(base, n["experts"], seeds, control=n["control"])
+    few = paired_specs(base.replace(corpus=languages_corpus(n["few"])), [min(n["experts"]), max(n["experts"])], seeds)
+    runs = run_sweep(specs + few, progress=progress)
+    return runs[:len(specs)], runs[len(specs):]
+
+
+def verdicts_05(runs, few_runs) -> dict:
+    """Notebook 05's checked claims on one set of seeds, and the control that must fail (4 languages)."""
+    from .claims import sparsity as c
+    from .sparsity_study import compute_to_match, paired_gaps, val_curves
+
+    E8, E64, control = min(NB05["experts"]), max(NB05["experts"]), f"{NB05['control']}'"
+    curves, few_curves = val_curves(runs), val_curves(few_runs)
+    last = NB05["steps"]
+    gaps, noise = paired_gaps(curves, E64, E8)[last], paired_gaps(curves, control, E8)[last]
+    few = paired_gaps(few_curves, E64, E8)[last]
+    return {
+        "more_experts_ahead": c.more_experts_ahead(gaps, noise),
+        "less_compute_for_the_same_loss": c.less_compute_for_the_same_loss(compute_to_match(curves, baseline=E8), E64,
+                                                                           control=control),
+        "lead_grows_with_what_there_is_to_know": c.lead_grows_with_what_there_is_to_know(gaps, few, noise),
+        "more_experts_ahead on 4 languages (control)": c.more_experts_ahead(few, noise),
     }
 
 
@@ -113,9 +155,9 @@ def _write(path: Path, obj) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m k2mini.lab.margins", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["04", "06", "merge"])
+    p.add_argument("what", choices=["04", "05", "06", "merge"])
     p.add_argument("paths", nargs="*", help="merge: the output record, then the parts")
-    p.add_argument("--seed", type=int, action="append", help="seed (repeatable; 06 runs all its seeds together)")
+    p.add_argument("--seed", type=int, action="append", help="seed (repeatable; 05: the first of 3 seeds; 06 runs all its seeds together)")
     p.add_argument("--out", help="where the part goes (JSON)")
     args = p.parse_args(argv)
     if args.what == "merge":
@@ -142,12 +184,14 @@ def main(argv=None) -> int:
     for seed in seeds:  # the part is rewritten after every seed, so a long study can be stopped early
         if args.what == "04":
             new = _rows("04", seed, verdicts_04(*study_04(seed)))
+        elif args.what == "05":
+            new = _rows("05", seed, verdicts_05(*study_05(seed)))
         else:
             new = _rows("06", seed, verdicts_06(study_06([seed])))
         rows += new
         _write(Path(args.out), {"command": command, "rows": rows})
         for r in new:
-            print(f"{r['kernels']:>10s} seed {r['seed']}  {r['claim']:26s} {'holds' if r['holds'] else 'FAILS'}  "
+            print(f"{r['kernels']:>10s} seed {r['seed']}  {r['claim']:44s} {'holds' if r['holds'] else 'FAILS'}  "
                   f"margin {r['margin']:+.3f}  {r['detail']}", flush=True)
     return 0
 

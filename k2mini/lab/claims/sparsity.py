@@ -96,4 +96,5 @@ def less_compute_for_the_same_loss(table: pd.DataFrame, arm, baseline=8, control
     return Verdict(f"E = {arm} reaches E = {baseline}'s final loss with less compute than E = {baseline}{said}", margin > 0,
                    margin, f"target {target:.3f}: steps {table.loc[arm, 'steps_to_target']:.0f} against "
                    f"{table.loc[baseline, 'steps_to_target']:.0f}, ratio {ratio:.2f}x"
-                   + (f"; the control's ratio {noise:.2f}x" if control is not None else ""))  # fmt: skip
+                   + ("" if control is None else f"; the control's ratio {noise:.2f}x" if np.isfinite(noise)
+                      else "; the control never reaches it"))  # fmt: skip
