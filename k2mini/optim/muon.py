@@ -31,13 +31,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
 from ..checks import check_int, check_real
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz
 
-__all__ = ["Muon", "MuonSettings", "WEIGHT_DECAY", "adjusted_lr", "NonFiniteGradientError"]
+__all__ = ["Muon", "MuonSettings", "WEIGHT_DECAY", "adjusted_lr", "NonFiniteGradientError", "sequential_sum"]
 
 ADJUST_LR_MODES = ("match_rms_adamw", "original")
 NS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -113,6 +114,24 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES}, got {group['adjust_lr']!r}")
     if group["ns_dtype"] is not None and group["ns_dtype"] not in NS_DTYPES:
         raise ValueError(f"ns_dtype must be None or one of {NS_DTYPES}, got {group['ns_dtype']!r}")
+
+
+def sequential_sum(terms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0 + terms[0] + terms[1] + ... in float32, left to right, as a float32 scalar on `device`: bit for bit
+    the total of a loop `total += term` (a tensor's `.sum()` adds in another order, pairwise). On the CPU the
+    0-dim terms are read once and added as numpy float32 scalars (IEEE float32 additions, like torch's); on
+    other devices the loop runs there, so that nothing waits for the device."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if device.type != "cpu":
+        for term in terms:
+            total += term.to(device)
+        return total
+    if terms:
+        acc = np.float32(0.0)
+        for value in torch.stack(terms).to(torch.float32).numpy():
+            acc = np.float32(acc + value)
+        total.fill_(float(acc))
+    return total
 
 
 def param_label(group: dict[str, Any], index: int, group_index: int) -> str:
@@ -237,7 +256,7 @@ class Muon(Optimizer):
         """Params with a gradient per group, their gradient norms, and the finiteness check."""
         work = []
         for gi, group in enumerate(self.param_groups):
-            params, grads, labels = [], [], []
+            params, grads, where = [], [], []
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -245,19 +264,20 @@ class Muon(Optimizer):
                     raise RuntimeError(f"sparse gradients are not supported ({param_label(group, i, gi)})")
                 params.append(p)
                 grads.append(p.grad)
-                labels.append(param_label(group, i, gi))
+                where.append(i)  # the label is only made if an error needs it
             if not params:
                 continue
-            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(grads[0].device) for g in grads])
-            work.append((gi, group, params, grads, norms, labels))
+            # one multi-tensor op (tensor by tensor, as vector_norm each: the same numbers), on the first grad's device
+            norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)])
+            work.append((gi, group, params, grads, norms, where))
 
         if self.check_finite and work:
             all_finite = torch.stack([torch.isfinite(w[4]).all().cpu() for w in work]).all()
             if not all_finite:  # one sync; the slow search below runs only on failure
                 bad = [
-                    label
-                    for *_, grads, norms, labels in work
-                    for g, n, label in zip(grads, norms, labels)
+                    param_label(group, i, gi)
+                    for gi, group, _, grads, norms, where in work
+                    for g, n, i in zip(grads, norms, where)
                     if not torch.isfinite(n) and not torch.isfinite(g).all()
                 ]
                 if bad:  # (a finite gradient can still overflow its float32 norm; that is not an error)
