@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import linecache
 import os
+import re
 import sys
 from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_PACKAGE = os.sep + "k2mini" + os.sep
+_PACKAGE = re.compile(re.escape(os.sep) + r"k2mini(_[0-9a-f]+)?" + re.escape(os.sep))  # also library_at's copies
 
 # (function name, phase) checked from the outermost k2mini frame inwards: the first that matches names the phase
 _PHASES = {
@@ -53,11 +54,12 @@ def _k2mini_frames(frame) -> list[tuple[str, str, str]]:
     out = []
     while frame is not None:
         path = frame.f_code.co_filename
-        if _PACKAGE in path:
+        found = ([None] + list(_PACKAGE.finditer(path)))[-1]  # the innermost package folder
+        if found:
             line = linecache.getline(path, frame.f_lineno).strip()
             owner = type(frame.f_locals["self"]).__name__ if "self" in frame.f_code.co_varnames[:1] else ""
             name = f"{owner}.{frame.f_code.co_name}" if owner else frame.f_code.co_name
-            out.append((path.rsplit(_PACKAGE, 1)[1], name, line))
+            out.append((path[found.end():], name, line))
         frame = frame.f_back
     return out[::-1]
 
