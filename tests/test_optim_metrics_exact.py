@@ -78,3 +78,19 @@ def test_grad_norm_metric_equals_per_tensor_norms(kind):
     for name, gs in grads.items():
         norms = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in gs])
         assert torch.equal(got[f"grad_norm/{name}"], norms.square().sum().sqrt()), name
+
+
+def test_read_scalars_gives_what_item_gives():
+    from k2mini.optim.muon import read_scalars
+
+    g = torch.Generator().manual_seed(3)
+    values = {"a": torch.rand((), generator=g), "b": torch.rand((), generator=g).double() / 3, "c": 7,
+              "d": torch.tensor([2.5], dtype=torch.bfloat16), "e": 0.25, "f": torch.tensor(5, dtype=torch.int64),
+              "g": torch.rand(1, 1, generator=g)}
+    got = read_scalars(values)
+    assert list(got) == list(values)
+    for k, v in values.items():
+        want = v.item() if isinstance(v, torch.Tensor) else v
+        assert got[k] == want and type(got[k]) is type(want), k
+    with pytest.raises(RuntimeError):
+        read_scalars({"x": torch.zeros(2)})

@@ -38,7 +38,8 @@ from torch.optim import Optimizer
 from ..checks import check_int, check_real
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz
 
-__all__ = ["Muon", "MuonSettings", "WEIGHT_DECAY", "adjusted_lr", "NonFiniteGradientError", "sequential_sum"]
+__all__ = ["Muon", "MuonSettings", "WEIGHT_DECAY", "adjusted_lr", "NonFiniteGradientError", "sequential_sum",
+           "read_scalars"]
 
 ADJUST_LR_MODES = ("match_rms_adamw", "original")
 NS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -324,4 +325,20 @@ class Muon(Optimizer):
     @property
     def last_metrics(self) -> dict[str, float]:
         """Figures of the latest step as Python floats (reading them syncs once)."""
-        return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in self._pending_metrics.items()}
+        return read_scalars(self._pending_metrics)
+
+
+def read_scalars(values: dict) -> dict:
+    """`values` with every one-element tensor as its Python number: `v.item()` each, read in one transfer per
+    (device, dtype) (a stack and `tolist`, the same numbers); anything else as it is (a larger tensor raises,
+    as `.item()` does)."""
+    groups: dict[tuple, list[str]] = {}
+    for k, v in values.items():
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                v.item()  # the error .item() gives
+            groups.setdefault((v.device, v.dtype), []).append(k)
+    out = dict(values)
+    for keys in groups.values():
+        out.update(zip(keys, torch.stack([values[k].reshape(()) for k in keys]).tolist()))
+    return out
