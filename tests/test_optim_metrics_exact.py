@@ -94,3 +94,20 @@ def test_read_scalars_gives_what_item_gives():
         assert got[k] == want and type(got[k]) is type(want), k
     with pytest.raises(RuntimeError):
         read_scalars({"x": torch.zeros(2)})
+
+
+def test_orthogonalized_batches_same_shapes_and_keeps_each_matrix_its_own_result():
+    from k2mini.optim import newton_schulz
+    from k2mini.optim.muon import MuonSettings, orthogonalized
+
+    g = torch.Generator().manual_seed(4)
+    shapes = [(32, 64), (96, 32), (32, 64), (4, 16, 64), (96, 32), (64, 64), (32, 64)]  # wide, tall, 3-D, single
+    updates = [torch.randn(s, generator=g) for s in shapes]
+    group = MuonSettings().group_defaults()
+    got = orthogonalized(updates, group)
+    assert [tuple(o.shape) for o in got] == shapes
+    for u, o in zip(updates, got):
+        # one batched kernel against one call per matrix: bitwise equal on the CI CPU; 1e-6 allows a batched
+        # kernel that blocks differently (as test_stacked_experts_equal_per_expert_updates)
+        torch.testing.assert_close(o, newton_schulz(u, steps=group["ns_steps"], eps=group["eps"]), rtol=0, atol=1e-6)
+    assert not torch.allclose(got[0], got[2], atol=1e-3)  # each matrix its own result, in its own place
