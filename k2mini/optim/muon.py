@@ -325,21 +325,24 @@ class Muon(Optimizer):
         """Muon on one group, in place; returns the sum of squares of the applied updates."""
         lr = float(group["lr"])
         weight_decay, momentum = group["weight_decay"], group["momentum"]
-        updates = []
+        bufs = []
         for p, grad in zip(params, grads):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(grad, 1 - momentum)  # B = mu B + (1 - mu) G
-            updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)  # (1 - mu) G + mu B
-        update_sumsq = torch.zeros((), dtype=torch.float32, device=params[0].device)
-        for p, ortho in zip(params, orthogonalized(updates, group)):
-            step_lr = adjusted_lr(lr, p.shape, group["adjust_lr"])
+            bufs.append(state["momentum_buffer"])
+        # multi-tensor ops run tensor by tensor on the CPU: each tensor's numbers are its own op's
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)  # B = mu B + (1 - mu) G
+        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs  # (1 - mu) G + mu B
+        orthos = orthogonalized(updates, group)
+        step_lrs = [adjusted_lr(lr, p.shape, group["adjust_lr"]) for p in params]
+        for p, ortho, step_lr in zip(params, orthos, step_lrs):
             p.mul_(1 - lr * weight_decay)
             p.add_(ortho, alpha=-step_lr)
-            update_sumsq += step_lr**2 * torch.linalg.vector_norm(ortho, dtype=torch.float32).square().to(update_sumsq.device)
-        return update_sumsq
+        squares = [n.to(params[0].device) for n in torch._foreach_norm(orthos, 2, dtype=torch.float32)]
+        squares = torch._foreach_mul(squares, squares)  # x.square() is x * x
+        torch._foreach_mul_(squares, [s**2 for s in step_lrs])
+        return sequential_sum(squares, params[0].device)
 
     # ---- metrics ------------------------------------------------------------------------------
 
