@@ -33,7 +33,7 @@ fixed + per-sequence, the fixed part being per-op overhead that does not grow wi
 with --against, interleaved step by step).
 
 --ops: the ATen ops one step dispatches (notebook 05's model at E = 32, 16 x 64, AdamW), by the k2mini
-phase that issues them (step_ops.py), and those of one evaluation batch.
+phase that issues them (step_ops.py), those of one evaluation batch, and a MuonClip step's in total.
 """
 
 from __future__ import annotations
@@ -280,6 +280,15 @@ def op_census(libraries: dict) -> None:
             history_row(3, lib.train_step(model, model, opt, data, 3, cfg), opt, model.moe_layers(), cfg)
 
         phases = by_phase(census(step)[0])
+        clip_model = lib.build_model(spec0).train()  # a MuonClip step of the same model, in total
+        clip_opt = lib.build_optimizer(clip_model, "muonclip", lr=spec0.lr, weight_decay=spec0.weight_decay)
+        for g in clip_opt.param_groups:
+            g.setdefault("peak_lr", g["lr"])
+        for s in range(3):
+            lib.train_step(clip_model, clip_model, clip_opt, data, s, cfg)
+        phases["one MuonClip step instead (same model and batch), all"] = sum(census(
+            lambda: history_row(3, lib.train_step(clip_model, clip_model, clip_opt, data, 3, cfg), clip_opt,
+                                clip_model.moe_layers(), cfg))[0].values())
         with torch.profiler.profile(record_shapes=False) as prof:
             step()
         phases["torch.profiler's aten:: events of a step (composites and nested calls too)"] = sum(
@@ -288,7 +297,7 @@ def op_census(libraries: dict) -> None:
         table[name] = phases
     names = list(table)
     phases = sorted({p for t in table.values() for p in t}, key=lambda p: -table[names[-1]].get(p, 0))
-    extra = ("evaluation", "profiler")
+    extra = ("evaluation", "profiler", "MuonClip")
     rows = [(p, *(f"{table[n].get(p, 0):,}" for n in names)) for p in phases if not any(x in p for x in extra)]
     rows.append(("one training step, all", *(f"{sum(v for p, v in table[n].items() if not any(x in p for x in extra)):,}"
                                              for n in names)))

@@ -17,7 +17,6 @@ import re
 import sys
 from collections import Counter
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _PACKAGE = re.compile(re.escape(os.sep) + r"k2mini(_[0-9a-f]+)?" + re.escape(os.sep))  # also library_at's copies
