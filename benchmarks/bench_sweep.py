@@ -170,15 +170,17 @@ def sweep(shape: str, steps: int, seeds: list[int], paths: list[str], anchor: An
     walls, worst = {p: 0.0 for p in paths}, {p: 0.0 for p in paths}
     bitwise = {p: True for p in paths}
     noise = 0.0
-    for spec in tqdm(specs, desc=f"notebook {shape} sweep"):
+    for i, spec in enumerate(tqdm(specs, desc=f"notebook {shape} sweep")):
         data = PreparedBatches(_dataset(spec.corpus), spec.batch_size, spec.seq_len, spec.batch_seed)
         if threads > 1:  # the same path twice: 2 threads are not bitwise reproducible run to run (1 thread is)
             noise = max(noise, float(np.abs(run(spec, base, data, libraries)[0] - run(spec, base, data, libraries)[0]).max()))
         losses, weights = {}, {}
         anchor.measure(threads)
-        for p in paths:  # interleaved: background load hits every path alike
+        # interleaved, so that background load hits every path alike, and in turns first (warm-up costs alike)
+        for p in (paths if i % 2 == 0 else paths[::-1]):
             losses[p], weights[p], wall = run(spec, p, data, libraries)
             walls[p] += wall
+        for p in paths:
             worst[p] = max(worst[p], float(np.abs(losses[p] - losses[base]).max()))
             bitwise[p] &= bool(np.array_equal(losses[p], losses[base])) and weights[p].keys() == weights[base].keys() \
                 and all(torch.equal(weights[p][k], weights[base][k]) for k in weights[base])
