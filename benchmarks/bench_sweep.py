@@ -3,13 +3,17 @@ matmul rate they reach, and where a step's time goes.
 
     python benchmarks/bench_sweep.py                   # 1 thread, as notebooks 04 and 05 run
     python benchmarks/bench_sweep.py --threads 2 --steps 40 --compile
+    python benchmarks/bench_sweep.py --against 35d76bc --ops   # today's library against an earlier commit's
 
 Shapes (k2mini.lab.experiments.RunSpec, as the notebooks build them):
   05  k2-micro with 3 layers, top-4 of E in {8, 16, 32, 64} experts of width 16, AdamW, cosine schedule,
       loss-free bias, batch 16 x 64, seeds x E (notebook 05's ci sweep; --steps of its 200)
   04  k2-micro, AdamW / Muon / MuonClip, batch 8 x 128 (notebook 04's optimizer x lr sweep)
 
-Paths, each against "today" (the library's defaults), in one process, runs interleaved:
+Paths, each against the first (the library's defaults, "today", or with --against REV that revision's
+library), in one process, runs interleaved:
+  @REV      (--against REV) git revision REV's k2mini, imported beside today's (library_at.py): the same runs
+            on the earlier code. "bitwise" says whether every run's losses and final weights are equal bit for bit
   foreach   AdamW groups with foreach=True: torch's multi-tensor AdamW (on CPU torch picks the per-tensor
             loop). Measured on the CI machine: 1.00-1.06x, bitwise equal on 1 thread but not on 2, so it is
             not the default
@@ -25,7 +29,11 @@ The anchor is a 2048^3 float32 matmul timed in the same process at the same thre
 FLOPs are counted from its matmuls (6 x active matmul parameters x tokens, plus attention's
 QK^T and PV, forward and backward); "share" is that count over the step's time, against the anchor.
 Where the time goes: the best step time at 1, 4 and 16 sequences of 64 tokens, fitted as
-fixed + per-sequence, the fixed part being per-op overhead that does not grow with tokens.
+fixed + per-sequence, the fixed part being per-op overhead that does not grow with tokens (per library
+with --against, interleaved step by step).
+
+--ops: the ATen ops one step dispatches (notebook 05's model at E = 32, 16 x 64, AdamW), by the k2mini
+phase that issues them (step_ops.py), those of one evaluation batch, and a MuonClip step's in total.
 """
 
 from __future__ import annotations
@@ -99,22 +107,41 @@ def sweep_specs(shape: str, steps: int, seeds: list[int]):
             for k in ("adamw", "muon", "muonclip") for s in seeds]
 
 
-def run(spec, path: str, data, step_times: list | None = None):
-    """Train one run as k2mini.lab.experiments.run_one does, on `path`; (losses, wall seconds)."""
-    from k2mini import train
-    from k2mini.lab.experiments import build_model
-    from k2mini.optim import build_optimizer
+class Library:
+    """What a sweep run needs from one k2mini package: today's, or an earlier revision's (library_at)."""
 
-    model = build_model(spec)
-    opt = build_optimizer(model, spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, tau=spec.tau)
+    def __init__(self, package=None):
+        import importlib
+
+        import k2mini
+
+        package = package or k2mini
+        name = package.__name__
+        self.name = name
+        self.train = package.train
+        self.experiments = importlib.import_module(f"{name}.lab.experiments")
+        self.build_optimizer = importlib.import_module(f"{name}.optim").build_optimizer
+        training = importlib.import_module(f"{name}.training")
+        self.train_step, self.TrainConfig = training.train_step, training.TrainConfig
+
+    def build_model(self, spec):
+        """spec's model, built by this library from its own RunSpec (the same settings)."""
+        return self.experiments.build_model(self.experiments.RunSpec.from_settings(spec.settings(), spec.label))
+
+
+def run(spec, path: str, data, libraries: dict, step_times: list | None = None):
+    """Train one run as k2mini.lab.experiments.run_one does, on `path`; (losses, final weights, wall seconds)."""
+    lib = libraries.get(path, libraries["today"])
+    model = lib.build_model(spec)
+    opt = lib.build_optimizer(model, spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, tau=spec.tau)
     if path == "foreach":
         for g in opt.param_groups:
             g["foreach"] = True
     if path == "compiled":
         model.compile_layers()
-        train(model, data, opt, 2, batch_size=spec.batch_size, seq_len=spec.seq_len, eval_every=0, progress=False)
-        model = build_model(spec).compile_layers()  # compiled above; fresh weights, same graphs (cached)
-        opt = build_optimizer(model, spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, tau=spec.tau)
+        lib.train(model, data, opt, 2, batch_size=spec.batch_size, seq_len=spec.seq_len, eval_every=0, progress=False)
+        model = lib.build_model(spec).compile_layers()  # compiled above; fresh weights, same graphs (cached)
+        opt = lib.build_optimizer(model, spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, tau=spec.tau)
     marks = []
     settings = dict(batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.batch_seed,
                     eval_every=spec.eval_every, eval_batches=spec.eval_batches, **spec.train_settings)
@@ -123,15 +150,15 @@ def run(spec, path: str, data, step_times: list | None = None):
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if path == "bf16" else contextlib.nullcontext()
     t0 = time.perf_counter()
     with precision:
-        h = train(model, data, opt, spec.steps, progress=False, callback=lambda s, r: marks.append(time.perf_counter()),
-                  **settings)
+        h = lib.train(model, data, opt, spec.steps, progress=False,
+                      callback=lambda s, r: marks.append(time.perf_counter()), **settings)
     wall = time.perf_counter() - t0
     if step_times is not None:
         step_times.extend(np.diff([t0, *marks]))
-    return h["train_loss"].to_numpy(), wall
+    return h["train_loss"].to_numpy(), model.state_dict(), wall
 
 
-def sweep(shape: str, steps: int, seeds: list[int], paths: list[str], anchor: Anchor, threads: int):
+def sweep(shape: str, steps: int, seeds: list[int], paths: list[str], anchor: Anchor, threads: int, libraries: dict):
     """Every run of the sweep on every path; returns a function printing the table (against the anchor as
     it stands at the end) and returning {path: (tokens/s, share per core)}."""
     from tqdm.auto import tqdm
@@ -139,18 +166,24 @@ def sweep(shape: str, steps: int, seeds: list[int], paths: list[str], anchor: An
     from k2mini.lab.experiments import PreparedBatches, _dataset
 
     specs = sweep_specs(shape, steps, seeds)
+    base = paths[0]
     walls, worst = {p: 0.0 for p in paths}, {p: 0.0 for p in paths}
+    bitwise = {p: True for p in paths}
     noise = 0.0
-    for spec in tqdm(specs, desc=f"notebook {shape} sweep"):
+    for i, spec in enumerate(tqdm(specs, desc=f"notebook {shape} sweep")):
         data = PreparedBatches(_dataset(spec.corpus), spec.batch_size, spec.seq_len, spec.batch_seed)
         if threads > 1:  # the same path twice: 2 threads are not bitwise reproducible run to run (1 thread is)
-            noise = max(noise, float(np.abs(run(spec, "today", data)[0] - run(spec, "today", data)[0]).max()))
-        losses = {}
+            noise = max(noise, float(np.abs(run(spec, base, data, libraries)[0] - run(spec, base, data, libraries)[0]).max()))
+        losses, weights = {}, {}
         anchor.measure(threads)
-        for p in paths:  # interleaved: background load hits every path alike
-            losses[p], wall = run(spec, p, data)
+        # interleaved, so that background load hits every path alike, and in turns first (warm-up costs alike)
+        for p in (paths if i % 2 == 0 else paths[::-1]):
+            losses[p], weights[p], wall = run(spec, p, data, libraries)
             walls[p] += wall
-            worst[p] = max(worst[p], float(np.abs(losses[p] - losses["today"]).max()))
+        for p in paths:
+            worst[p] = max(worst[p], float(np.abs(losses[p] - losses[base]).max()))
+            bitwise[p] &= bool(np.array_equal(losses[p], losses[base])) and weights[p].keys() == weights[base].keys() \
+                and all(torch.equal(weights[p][k], weights[base][k]) for k in weights[base])
     tokens = sum(s.steps * s.batch_size * s.seq_len for s in specs)
     flops = sum(step_flops(s.model_config(), s.batch_size, s.seq_len) * s.steps for s in specs)
 
@@ -159,63 +192,121 @@ def sweep(shape: str, steps: int, seeds: list[int], paths: list[str], anchor: An
         tol = max(LOSS_TOL, 2 * noise)
         if threads > 1:
             print(f"the same path run twice differs by up to {noise:.1e} in loss; paths count as equal within {tol:.1e}")
-        return _table(paths, walls, worst, tokens, flops, threads, anchor.best, tol)
+        return _table(paths, walls, worst, bitwise, tokens, flops, threads, anchor.best, tol)
     return report
 
 
-def _table(paths, walls, worst, tokens, flops, threads, anchor_1, tol):
+def _table(paths, walls, worst, bitwise, tokens, flops, threads, anchor_1, tol):
     table, out = [], {}
+    base = paths[0]
     for p in paths:
         rate = flops / walls[p] / 1e9
         share = rate / threads / anchor_1
         out[p] = (tokens / walls[p], share)
-        table.append((p, f"{walls[p]:.1f}", f"{tokens / walls[p]:,.0f}", f"{walls['today'] / walls[p]:.2f}x",
-                      f"{rate:.1f}", f"{share:.1%}", f"{worst[p]:.1e}", "yes" if worst[p] <= tol else "NO"))
-    print_table(table, ("path", "wall s", "tokens/s", "vs today", "GFLOP/s", "per core / anchor", "max |dloss|",
-                        "losses equal"))
+        table.append((p, f"{walls[p]:.1f}", f"{tokens / walls[p]:,.0f}", f"{walls[base] / walls[p]:.2f}x",
+                      f"{rate:.1f}", f"{share:.1%}", f"{worst[p]:.1e}", "yes" if worst[p] <= tol else "NO",
+                      "yes" if bitwise[p] else "no"))
+    print_table(table, ("path", "wall s", "tokens/s", f"vs {base}", "GFLOP/s", "per core / anchor", "max |dloss|",
+                        "losses equal", "bitwise (losses, weights)"))
     if "bf16" in out:
         print("bf16: its max |dloss| is what bfloat16 matmuls cost in accuracy over the run, not a tolerance miss")
     return out
 
 
-def where_time_goes(steps: int, threads: int, anchor: Anchor) -> tuple[float, float]:
-    """Best step time at 1, 4, 16 sequences of 64 tokens (notebook 05's model, E = 32), the three
-    interleaved step by step, fitted as fixed + per-sequence; returns (fixed s, s per sequence)."""
-    from k2mini.lab.experiments import PreparedBatches, _dataset, build_model
-    from k2mini.optim import build_optimizer
-    from k2mini.training import TrainConfig, train_step
+def where_time_goes(steps: int, threads: int, anchor: Anchor, libraries: dict) -> dict[str, tuple[float, float]]:
+    """Best step time at 1, 4, 16 sequences of 64 tokens (notebook 05's model, E = 32) for each library, all
+    interleaved step by step, fitted as fixed + per-sequence; returns {library: (fixed s, s per sequence)}."""
+    from k2mini.lab.experiments import PreparedBatches, _dataset
 
     spec0 = sweep_specs("05", steps, [0])[2]  # E = 32
     seqs, runs = [1, 4, 16], []
-    for n in seqs:
-        model = build_model(spec0).train()
-        opt = build_optimizer(model, "adamw", lr=spec0.lr, weight_decay=spec0.weight_decay)
-        for g in opt.param_groups:
-            g.setdefault("peak_lr", g["lr"])
-        cfg = TrainConfig(steps=steps, batch_size=n, seq_len=spec0.seq_len, **spec0.train_settings)
-        runs.append((model, opt, PreparedBatches(_dataset(spec0.corpus), n, spec0.seq_len, 0), cfg))
-    best = [float("inf")] * len(seqs)
+    for name, lib in libraries.items():
+        for n in seqs:
+            model = lib.build_model(spec0).train()
+            opt = lib.build_optimizer(model, "adamw", lr=spec0.lr, weight_decay=spec0.weight_decay)
+            for g in opt.param_groups:
+                g.setdefault("peak_lr", g["lr"])
+            cfg = lib.TrainConfig(steps=steps, batch_size=n, seq_len=spec0.seq_len, **spec0.train_settings)
+            runs.append((name, n, lib, model, opt, PreparedBatches(_dataset(spec0.corpus), n, spec0.seq_len, 0), cfg))
+    best = [float("inf")] * len(runs)
     for step in range(steps):
         anchor.measure(threads)
-        for i, (model, opt, data, cfg) in enumerate(runs):
+        for i, (_, _, lib, model, opt, data, cfg) in enumerate(runs):
             t = time.perf_counter()
-            train_step(model, model, opt, data, step, cfg)
+            lib.train_step(model, model, opt, data, step, cfg)
             if step >= 2:  # the first steps allocate
                 best[i] = min(best[i], time.perf_counter() - t)
-    per_seq, fixed = np.polyfit(seqs, best, 1)
     anchor_1 = anchor.best
     print(f"\nwhere a step's time goes (notebook 05's model at E = 32, {threads} thread(s), best of {steps - 2} "
           "interleaved steps):")
-    rows = []
-    for n, t in zip(seqs, best):
-        fl = step_flops(spec0.model_config(), n, spec0.seq_len)
-        rows.append((f"{n} x 64", f"{t * 1e3:.1f}", f"{fixed / t:.0%}", f"{fl / t / 1e9:.1f}", f"{fl / t / 1e9 / threads / anchor_1:.1%}"))
-    print_table(rows, ("batch", "step ms", "fixed part", "GFLOP/s", "per core / anchor"))
+    rows, fits = [], {}
     fl_seq = step_flops(spec0.model_config(), 1, spec0.seq_len)
-    print(f"fit: {fixed * 1e3:.1f} ms fixed per step + {per_seq * 1e3:.2f} ms per 64-token sequence; the token-"
-          f"proportional work runs at {fl_seq / per_seq / 1e9:.1f} GFLOP/s ({fl_seq / per_seq / 1e9 / threads / anchor_1:.1%} "
-          "of the anchor per core)")
-    return fixed, per_seq
+    for name in libraries:
+        mine = [(n, t) for (lib_name, n, *_), t in zip(runs, best) if lib_name == name]
+        per_seq, fixed = np.polyfit([n for n, _ in mine], [t for _, t in mine], 1)
+        fits[name] = (fixed, per_seq)
+        for n, t in mine:
+            fl = step_flops(spec0.model_config(), n, spec0.seq_len)
+            rows.append((name, f"{n} x 64", f"{t * 1e3:.1f}", f"{fixed / t:.0%}", f"{fl / t / 1e9:.1f}",
+                         f"{fl / t / 1e9 / threads / anchor_1:.1%}"))
+    print_table(rows, ("library", "batch", "step ms", "fixed part", "GFLOP/s", "per core / anchor"))
+    for name, (fixed, per_seq) in fits.items():
+        print(f"fit ({name}): {fixed * 1e3:.1f} ms fixed per step + {per_seq * 1e3:.2f} ms per 64-token sequence; the "
+              f"token-proportional work runs at {fl_seq / per_seq / 1e9:.1f} GFLOP/s ({fl_seq / per_seq / 1e9 / threads / anchor_1:.1%} "
+              "of the anchor per core)")
+    return fits
+
+
+def op_census(libraries: dict) -> None:
+    """The ATen ops of one training step (after 3 warm-up steps) and of one evaluation batch, by phase."""
+    from step_ops import by_phase, op_census as census
+
+    from k2mini.lab.experiments import PreparedBatches, _dataset
+
+    spec0 = sweep_specs("05", 20, [0])[2]  # E = 32, 16 x 64, AdamW
+    table: dict[str, dict[str, int]] = {}
+    for name, lib in libraries.items():
+        model = lib.build_model(spec0).train()
+        opt = lib.build_optimizer(model, "adamw", lr=spec0.lr, weight_decay=spec0.weight_decay)
+        for g in opt.param_groups:
+            g.setdefault("peak_lr", g["lr"])
+        data = PreparedBatches(_dataset(spec0.corpus), spec0.batch_size, spec0.seq_len, 0)
+        cfg = lib.TrainConfig(steps=20, batch_size=spec0.batch_size, seq_len=spec0.seq_len, eval_every=0,
+                              **spec0.train_settings)
+        for step in range(3):
+            lib.train_step(model, model, opt, data, step, cfg)
+        history_row = __import__(f"{lib.name}.run.history", fromlist=["history_row"]).history_row
+        evaluate = __import__(f"{lib.name}.training", fromlist=["evaluate"]).evaluate
+
+        def step():  # as train() runs a logged step
+            history_row(3, lib.train_step(model, model, opt, data, 3, cfg), opt, model.moe_layers(), cfg)
+
+        phases = by_phase(census(step)[0])
+        clip_model = lib.build_model(spec0).train()  # a MuonClip step of the same model, in total
+        clip_opt = lib.build_optimizer(clip_model, "muonclip", lr=spec0.lr, weight_decay=spec0.weight_decay)
+        for g in clip_opt.param_groups:
+            g.setdefault("peak_lr", g["lr"])
+        for s in range(3):
+            lib.train_step(clip_model, clip_model, clip_opt, data, s, cfg)
+        phases["one MuonClip step instead (same model and batch), all"] = sum(census(
+            lambda: history_row(3, lib.train_step(clip_model, clip_model, clip_opt, data, 3, cfg), clip_opt,
+                                clip_model.moe_layers(), cfg))[0].values())
+        with torch.profiler.profile(record_shapes=False) as prof:
+            step()
+        phases["torch.profiler's aten:: events of a step (composites and nested calls too)"] = sum(
+            e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        phases["one evaluation batch (16 x 64)"] = sum(census(lambda: evaluate(model, data, 16, 64, 1))[0].values())
+        table[name] = phases
+    names = list(table)
+    phases = sorted({p for t in table.values() for p in t}, key=lambda p: -table[names[-1]].get(p, 0))
+    extra = ("evaluation", "profiler", "MuonClip")
+    rows = [(p, *(f"{table[n].get(p, 0):,}" for n in names)) for p in phases if not any(x in p for x in extra)]
+    rows.append(("one training step, all", *(f"{sum(v for p, v in table[n].items() if not any(x in p for x in extra)):,}"
+                                             for n in names)))
+    rows += [(p, *(f"{table[n].get(p, 0):,}" for n in names)) for p in phases if any(x in p for x in extra)]
+    print("\nATen ops dispatched (below autograd: backward's included, a composite counted as the ops it becomes) by "
+          "the k2mini phase that issues them, notebook 05's model at E = 32, AdamW, 16 x 64, one logged step:")
+    print_table(rows, ("phase", *names))
 
 
 def main():
@@ -223,31 +314,46 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="steps per run (the notebooks run 150-200)")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--shapes", default="05,04")
+    parser.add_argument("--shapes", default="05,04", help="sweeps to time: 05, 04, both, or none ('')")
     parser.add_argument("--compile", action="store_true", help="also time model.compile_layers()")
     parser.add_argument("--bf16", action="store_true", help="also time the runs under bfloat16 autocast")
+    parser.add_argument("--no-foreach", dest="foreach", action="store_false", help="skip the foreach AdamW path")
+    parser.add_argument("--against", metavar="REV", help="also time git revision REV's library, as the baseline")
+    parser.add_argument("--ops", action="store_true", help="print the ATen ops of one step by phase")
     args = parser.parse_args()
+    libraries = {"today": Library()}
+    if args.against:
+        from library_at import library_at
+
+        old = Library(library_at(args.against))
+        libraries = {"@" + old.name.split("_", 1)[1]: old, **libraries}
+    if args.ops:
+        op_census(libraries)
     anchor = Anchor()
     anchor.measure(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    paths = ["today", "foreach"] + (["compiled"] if args.compile else []) + (["bf16"] if args.bf16 else [])
+    paths = [*libraries] + (["foreach"] if args.foreach else []) + (["compiled"] if args.compile else []) + (
+        ["bf16"] if args.bf16 else [])
+    base = paths[0]
     if args.bf16:
         torch.set_num_threads(args.threads)
         rate32, rate16 = matmul_rate(args.threads), matmul_rate(args.threads, dtype=torch.bfloat16)
         print(f"2048^3 matmul: float32 {rate32:.0f} GFLOP/s, bfloat16 {rate16:.0f} GFLOP/s ({rate16 / rate32:.2f}x): "
               f"{'this CPU computes bf16 natively' if rate16 > 1.2 * rate32 else 'bf16 is no faster than float32 here'}")
-    reports = {shape: sweep(shape, args.steps, list(range(args.seeds)), paths, anchor, args.threads)
-               for shape in args.shapes.split(",")}
-    fixed, per_seq = where_time_goes(max(args.steps, 8), args.threads, anchor)
+    shapes = [s for s in args.shapes.split(",") if s]
+    reports = {shape: sweep(shape, args.steps, list(range(args.seeds)), paths, anchor, args.threads, libraries)
+               for shape in shapes}
+    fits = where_time_goes(max(args.steps, 8), args.threads, anchor, libraries)
     print(f"\nanchor: float32 matmul (1024^3 and 2048^3) at best {anchor.best:.1f} GFLOP/s on 1 thread, measured "
           "before every run; every share here is against it")
     results = {shape: report() for shape, report in reports.items()}
     if "05" in results:
         best = max(results["05"], key=lambda p: results["05"][p][0])
-        speedup = results["05"][best][0] / results["05"]["today"][0]
+        speedup = results["05"][best][0] / results["05"][base][0]
         share = results["05"][best][1]
-        print(f"\ngoal: notebook 05's sweep >= {GOAL_SPEEDUP:g}x today's tokens/s: {speedup:.2f}x ({best}): "
+        print(f"\ngoal: notebook 05's sweep >= {GOAL_SPEEDUP:g}x {base}'s tokens/s: {speedup:.2f}x ({best}): "
               f"{'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}")
+        fixed, per_seq = fits["today"]
         step16 = fixed + 16 * per_seq
         if speedup < GOAL_SPEEDUP and per_seq > 0 and fixed > 0:
             print(f"  why: removing the whole fixed part ({fixed * 1e3:.1f} ms of {step16 * 1e3:.1f} ms at 16 x 64) would give "

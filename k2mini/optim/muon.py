@@ -31,13 +31,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
 from ..checks import check_int, check_real
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz
 
-__all__ = ["Muon", "MuonSettings", "WEIGHT_DECAY", "adjusted_lr", "NonFiniteGradientError"]
+__all__ = ["Muon", "MuonSettings", "WEIGHT_DECAY", "adjusted_lr", "NonFiniteGradientError", "sequential_sum",
+           "read_scalars"]
 
 ADJUST_LR_MODES = ("match_rms_adamw", "original")
 NS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -113,6 +115,51 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES}, got {group['adjust_lr']!r}")
     if group["ns_dtype"] is not None and group["ns_dtype"] not in NS_DTYPES:
         raise ValueError(f"ns_dtype must be None or one of {NS_DTYPES}, got {group['ns_dtype']!r}")
+
+
+def sequential_sum(terms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0 + terms[0] + terms[1] + ... in float32, left to right, as a float32 scalar on `device`: bit for bit
+    the total of a loop `total += term` (a tensor's `.sum()` adds in another order, pairwise). On the CPU the
+    0-dim terms are read once and added as numpy float32 scalars (IEEE float32 additions, like torch's); on
+    other devices the loop runs there, so that nothing waits for the device."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if device.type != "cpu":
+        for term in terms:
+            total += term.to(device)
+        return total
+    if terms:
+        acc = np.float32(0.0)
+        for value in torch.stack(terms).to(torch.float32).numpy():
+            acc = np.float32(acc + value)
+        total.fill_(float(acc))
+    return total
+
+
+def orthogonalized(updates: list[torch.Tensor], group: dict[str, Any]) -> list[torch.Tensor]:
+    """newton_schulz of each update with the group's settings. On the CPU in float32 / float64, the 2-D updates
+    of one shape go through one batched call: the per-call ops (norm, three products and a diagonal add
+    per iteration) then run once per shape instead of once per matrix, and each matrix's result is the one
+    its own call gives (on this project's CI CPU measured bit for bit; a batched kernel that blocked
+    differently would differ in the last bits, which tests/test_optim_muon.py bounds by 1e-6)."""
+    def ns(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return newton_schulz(u, steps=group["ns_steps"], eps=group["eps"], dtype=dtype, coefficients=NS_COEFFICIENTS)
+
+    out: list[torch.Tensor | None] = [None] * len(updates)
+    same_shape: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        dtype = group["ns_dtype"] or default_ns_dtype(u.device)
+        if u.ndim == 2 and u.device.type == "cpu" and dtype in (torch.float32, torch.float64):
+            same_shape.setdefault((tuple(u.shape), u.dtype, dtype), []).append(i)
+        else:
+            out[i] = ns(u, dtype)
+    for (_, _, dtype), members in same_shape.items():
+        if len(members) == 1:
+            out[members[0]] = ns(updates[members[0]], dtype)
+            continue
+        batch = ns(torch.stack([updates[i] for i in members]), dtype)  # (n, A, B)
+        for i, ortho in zip(members, batch.unbind(0)):
+            out[i] = ortho
+    return out
 
 
 def param_label(group: dict[str, Any], index: int, group_index: int) -> str:
@@ -237,7 +284,7 @@ class Muon(Optimizer):
         """Params with a gradient per group, their gradient norms, and the finiteness check."""
         work = []
         for gi, group in enumerate(self.param_groups):
-            params, grads, labels = [], [], []
+            params, grads, where = [], [], []
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -245,19 +292,20 @@ class Muon(Optimizer):
                     raise RuntimeError(f"sparse gradients are not supported ({param_label(group, i, gi)})")
                 params.append(p)
                 grads.append(p.grad)
-                labels.append(param_label(group, i, gi))
+                where.append(i)  # the label is only made if an error needs it
             if not params:
                 continue
-            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(grads[0].device) for g in grads])
-            work.append((gi, group, params, grads, norms, labels))
+            # one multi-tensor op (tensor by tensor, as vector_norm each: the same numbers), on the first grad's device
+            norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)])
+            work.append((gi, group, params, grads, norms, where))
 
         if self.check_finite and work:
             all_finite = torch.stack([torch.isfinite(w[4]).all().cpu() for w in work]).all()
             if not all_finite:  # one sync; the slow search below runs only on failure
                 bad = [
-                    label
-                    for *_, grads, norms, labels in work
-                    for g, n, label in zip(grads, norms, labels)
+                    param_label(group, i, gi)
+                    for gi, group, _, grads, norms, where in work
+                    for g, n, i in zip(grads, norms, where)
                     if not torch.isfinite(n) and not torch.isfinite(g).all()
                 ]
                 if bad:  # (a finite gradient can still overflow its float32 norm; that is not an error)
@@ -277,31 +325,44 @@ class Muon(Optimizer):
         """Muon on one group, in place; returns the sum of squares of the applied updates."""
         lr = float(group["lr"])
         weight_decay, momentum = group["weight_decay"], group["momentum"]
-        update_sumsq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        bufs = []
         for p, grad in zip(params, grads):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(grad, 1 - momentum)  # B = mu B + (1 - mu) G
-            update = grad.lerp(buf, momentum) if group["nesterov"] else buf  # (1 - mu) G + mu B
-
-            ortho = newton_schulz(
-                update,
-                steps=group["ns_steps"],
-                eps=group["eps"],
-                dtype=group["ns_dtype"] or default_ns_dtype(p.device),
-                coefficients=NS_COEFFICIENTS,
-            )
-            step_lr = adjusted_lr(lr, p.shape, group["adjust_lr"])
+            bufs.append(state["momentum_buffer"])
+        # multi-tensor ops run tensor by tensor on the CPU: each tensor's numbers are its own op's
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)  # B = mu B + (1 - mu) G
+        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs  # (1 - mu) G + mu B
+        orthos = orthogonalized(updates, group)
+        step_lrs = [adjusted_lr(lr, p.shape, group["adjust_lr"]) for p in params]
+        for p, ortho, step_lr in zip(params, orthos, step_lrs):
             p.mul_(1 - lr * weight_decay)
             p.add_(ortho, alpha=-step_lr)
-            update_sumsq += step_lr**2 * torch.linalg.vector_norm(ortho, dtype=torch.float32).square().to(update_sumsq.device)
-        return update_sumsq
+        squares = [n.to(params[0].device) for n in torch._foreach_norm(orthos, 2, dtype=torch.float32)]
+        squares = torch._foreach_mul(squares, squares)  # x.square() is x * x
+        torch._foreach_mul_(squares, [s**2 for s in step_lrs])
+        return sequential_sum(squares, params[0].device)
 
     # ---- metrics ------------------------------------------------------------------------------
 
     @property
     def last_metrics(self) -> dict[str, float]:
         """Figures of the latest step as Python floats (reading them syncs once)."""
-        return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in self._pending_metrics.items()}
+        return read_scalars(self._pending_metrics)
+
+
+def read_scalars(values: dict) -> dict:
+    """`values` with every one-element tensor as its Python number: `v.item()` each, read in one transfer per
+    (device, dtype) (a stack and `tolist`, the same numbers); anything else as it is (a larger tensor raises,
+    as `.item()` does)."""
+    groups: dict[tuple, list[str]] = {}
+    for k, v in values.items():
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                v.item()  # the error .item() gives
+            groups.setdefault((v.device, v.dtype), []).append(k)
+    out = dict(values)
+    for keys in groups.values():
+        out.update(zip(keys, torch.stack([values[k].reshape(()) for k in keys]).tolist()))
+    return out

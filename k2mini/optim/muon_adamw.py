@@ -16,7 +16,7 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from ..checks import check_real
 from .max_logits import TakesMaxLogits, max_logit_metrics
-from .muon import WEIGHT_DECAY, Muon, MuonSettings
+from .muon import WEIGHT_DECAY, Muon, MuonSettings, sequential_sum
 
 __all__ = ["MuonAdamW"]
 
@@ -122,11 +122,25 @@ class MuonAdamW(Muon, TakesMaxLogits):
             foreach=group["foreach"], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
-        # The update AdamW just applied (decay excluded), rebuilt from its state: lr m_hat / (sqrt(v_hat) + eps).
-        sumsq = torch.zeros((), dtype=torch.float32, device=params[0].device)
-        for m, v, t in zip(exp_avgs, exp_avg_sqs, steps):
-            t = float(t)
-            step_size = float(group["lr"]) / (1 - beta1**t)
-            denom = v.sqrt() / math.sqrt(1 - beta2**t) + group["eps"]
-            sumsq += step_size**2 * torch.linalg.vector_norm(m / denom, dtype=torch.float32).square().to(sumsq.device)
-        return sumsq
+        return adamw_update_sumsq(exp_avgs, exp_avg_sqs, steps, float(group["lr"]), beta1, beta2, group["eps"])
+
+
+def adamw_update_sumsq(exp_avgs, exp_avg_sqs, steps, lr: float, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """Sum over parameters of ||lr m_hat / (sqrt(v_hat) + eps)||^2: the squared size of the update AdamW just
+    applied (decay excluded), rebuilt from its state, as a float32 scalar on the parameters' device.
+
+    One multi-tensor op per stage instead of one op per parameter per stage, and one read of the step
+    counters instead of one per parameter; each parameter's figure is the per-tensor ops' own (torch's
+    foreach ops on CPU run them tensor by tensor) and the total adds them in parameter order in float32,
+    as a loop of `+=` would (`sequential_sum`): bit for bit the number the per-parameter loop gave.
+    """
+    same = len({(t.device, t.dtype) for t in steps}) == 1
+    ts = torch.stack(steps).tolist() if same else [float(t) for t in steps]  # = float(t) each
+    step_sizes = [lr / (1 - beta1**t) for t in ts]
+    denoms = torch._foreach_sqrt(exp_avg_sqs)  # sqrt(v) / sqrt(1 - beta2^t) + eps, as torch's AdamW forms it
+    torch._foreach_div_(denoms, [math.sqrt(1 - beta2**t) for t in ts])
+    torch._foreach_add_(denoms, eps)
+    norms = torch._foreach_norm(torch._foreach_div(exp_avgs, denoms), 2, dtype=torch.float32)
+    squares = torch._foreach_mul(norms, norms)  # x.square() is x * x
+    torch._foreach_mul_(squares, [s**2 for s in step_sizes])
+    return sequential_sum(squares, exp_avgs[0].device)

@@ -74,6 +74,8 @@ def newton_schulz(
     if X.ndim > 3:
         X = rearrange(X, "... a b -> (...) a b")
     addmm = torch.addmm if X.ndim == 2 else torch.baddbmm  # fused beta * input + alpha * (m1 @ m2)
+    # the product matmul dispatches to, called directly: matmul's broadcasting (expand, reshape) costs ~6 ops a call
+    mm = torch.mm if X.ndim == 2 else torch.bmm
     # a X + B X = (B + a I) X. Folding a into B's small diagonal saves a full-size pass over X per
     # step (addmm first copies its input into the output), ~30% of the time on CPU. Half precision
     # keeps torch's addmm form: there a + B_ii would be rounded to 8 bits, and we match torch exactly.
@@ -84,10 +86,10 @@ def newton_schulz(
         A, B = X.new_empty(gram), X.new_empty(gram)
         Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)
         for _ in range(steps):
-            torch.matmul(X, X.mT, out=A)  # (..., min, min) Gram matrix
+            mm(X, X.mT, out=A)  # (..., min, min) Gram matrix
             addmm(A, A, A, beta=b, alpha=c, out=B)  # b A + c A^2
             B.diagonal(dim1=-2, dim2=-1).add_(a)
-            torch.matmul(B, X, out=Y)
+            mm(B, X, out=Y)
             # the old X becomes the next output buffer, unless it is the caller's transposed view
             X, Y = Y, (X if X.is_contiguous() else torch.empty_like(Y))
     else:

@@ -46,11 +46,12 @@ def history_row(step: int, result, optimizer, moe_layers, cfg) -> dict:
         "grad_norm": result.grad_norm,
         "max_logit": float(result.max_logits.max()),
     }
-    row.update({f"max_logit_l{i}": float(v) for i, v in enumerate(result.max_logits.amax(-1))})
+    # per-layer figures read as one list each (tolist gives what float() of each element gives)
+    row.update({f"max_logit_l{i}": v for i, v in enumerate(result.max_logits.amax(-1).tolist())})
     if result.loads is not None:
         vio = max_violation(result.loads)
         row["maxvio"] = float(vio.mean())
-        row.update({f"maxvio_l{layer.index}": float(v) for layer, v in zip(moe_layers, vio)})
+        row.update({f"maxvio_l{layer.index}": v for layer, v in zip(moe_layers, vio.tolist())})
         row["load"] = result.loads.to(torch.int64).cpu()
     metrics = optimizer_metrics(optimizer)
     row["heads_clipped"] = metrics.get("qk_clip/heads_clipped", 0.0)
