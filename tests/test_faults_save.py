@@ -21,6 +21,24 @@ from k2mini.checkpoint import load_pretrained, save_pretrained
 FILES = {"config.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors"}
 
 
+def look(path) -> set[str] | None:
+    """The entries of the directory at `path` in one look; an empty set where there is none. None where a
+    swap replaced the directory while it was being read: the reader then listed the old one, which the
+    swap goes on to empty, so what it saw says nothing about what stood at `path`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return set()
+    try:
+        entries, inode = set(os.listdir(fd)), os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    try:
+        return entries if os.stat(path).st_ino == inode else None
+    except FileNotFoundError:  # nothing at the path after the look: a gap
+        return set()
+
+
 def same_weights(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -33,19 +51,19 @@ def test_two_processes_saving_into_one_path_take_turns_and_a_reader_always_finds
     path = tmp_path / "ckpt"
     save_pretrained(tiny_model(), path, progress=False)
     children = [start(SAVE_CHILD, path, "repeat") for _ in range(2)]
-    looks, gaps = 0, []
+    looks, raced, gaps = 0, 0, []
     while any(c.poll() is None for c in children):
-        try:
-            found = set(os.listdir(path))  # one look at the directory
-        except FileNotFoundError:
-            found = set()
-        looks += 1
-        if not FILES <= found:
-            gaps.append(sorted(found))
+        found = look(path)
+        if found is None:  # read the directory a swap had just replaced: no evidence either way
+            raced += 1
+        else:
+            looks += 1
+            if not FILES <= found:
+                gaps.append(sorted(found))
         time.sleep(0.002)
     outputs = [c.communicate() for c in children]
     assert [c.returncode for c in children] == [0, 0] and all(o.strip() == "ok" for o, _ in outputs), outputs
-    assert gaps == [] and looks > 10
+    assert gaps == [] and looks > 10 and raced < looks
     assert sorted(os.listdir(tmp_path)) == ["ckpt"] and set(os.listdir(path)) == FILES
     load_pretrained(path, progress=False)
 @pytest.mark.multiprocess
