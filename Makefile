@@ -47,11 +47,12 @@ test-fast: $(STAMP) $(CORPUS)
 # portable `default` kernels instead of the CPU's AVX2 / AVX-512 ones), as a newcomer's CPU would: the
 # checked outputs are claims that hold on any machine, so they must pass here too.
 # NBVAL_JOBS notebooks run side by side, one thread each (pytest-xdist; --dist loadscope keeps each
-# notebook's cells in order on one kernel).
+# notebook's cells in order on one kernel), so a notebook's own sweeps train in one process
+# (K2MINI_JOBS=1; in JupyterLab they take every core).
 NBVAL_KERNELS ?= ATEN_CPU_CAPABILITY=default
 NBVAL_JOBS ?= 2
 nbval: $(STAMP) $(CORPUS)
-	$(NBVAL_KERNELS) OMP_NUM_THREADS=1 $(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg -p no:randomly \
+	$(NBVAL_KERNELS) OMP_NUM_THREADS=1 K2MINI_JOBS=1 $(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg -p no:randomly \
 		-n $(NBVAL_JOBS) --dist loadscope
 
 test: pytest nbval

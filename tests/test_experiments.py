@@ -4,6 +4,7 @@ loads kept, damaged entries recomputed), parallel sweeps, the MuonClip post-clip
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -373,6 +374,18 @@ def test_sweep_in_two_processes_equals_one(corpus_file, tmp_path):
     assert all(s in RunCache(tmp_path) for s in specs)  # the workers' results were cached by the parent
     with pytest.raises(ValueError, match="data=None"):
         run_sweep(specs, cache=False, jobs=2, data=object(), progress=False)
+
+
+def test_default_jobs_reads_the_environment_else_counts_this_process_cpus(monkeypatch):
+    monkeypatch.delenv("K2MINI_JOBS", raising=False)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert ex.default_jobs() == usable
+    monkeypatch.setenv("K2MINI_JOBS", " 3 ")
+    assert ex.default_jobs() == 3
+    for bad in ("0", "-2", "two", "1.5"):
+        monkeypatch.setenv("K2MINI_JOBS", bad)
+        with pytest.raises(ValueError, match=f"K2MINI_JOBS must be .* got '{re.escape(bad)}'"):
+            ex.default_jobs()
 
 
 def test_sweep_keeps_order_with_cached_and_new_runs(data, tmp_path):

@@ -58,6 +58,7 @@ __all__ = [
     "training_code_digest",
     "machine_description",
     "default_cache_dir",
+    "default_jobs",
     "CLIP_COLUMNS",
 ]
 
@@ -547,6 +548,22 @@ def run_one(spec: RunSpec, data=None, *, progress: bool = False) -> RunResult:
                      stop_reason=str(history.attrs.get("stop_reason", "")),
                      total_heads=c.num_hidden_layers * c.num_attention_heads, wall_s=wall, cpu_s=cpu, loads=loads,
                      machine=machine_description(), state=state)
+
+
+def default_jobs() -> int:
+    """How many one-thread processes a notebook's sweep trains in: ``$K2MINI_JOBS`` if set, else the CPUs
+    this process may run on. Every run does the same one-thread arithmetic in any process, so the number
+    changes the wall time only. ``make test`` sets 1: it already runs two notebooks side by side."""
+    value = os.environ.get("K2MINI_JOBS", "").strip()
+    if not value:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise ValueError(f"K2MINI_JOBS must be a whole number of processes >= 1, got {value!r}")
+    return jobs
 
 
 def _run_in_worker(spec: RunSpec) -> RunResult:

@@ -10,7 +10,8 @@ committed record that the notebook prints, so the spread it quotes is one it sho
         python -m k2mini.lab.margins 04 --seed 1 --kernels default --out part-04-default-1.json
     python -m k2mini.lab.margins merge data/runs/04_claim_margins.json part-04-*.json
 
-Use one run cache per kernel path: the cache reuses a run whatever kernels made it.
+Use one run cache per kernel path: the cache reuses a run whatever kernels made it. The runs train in
+one-thread processes, one per core (``$K2MINI_JOBS`` sets how many: ``experiments.default_jobs``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["study_04", "study_05", "study_06", "verdicts_04", "verdicts_05", "verdicts_06", "read_margins",
+__all__ = ["study_04", "study_05", "specs_05", "study_06", "verdicts_04", "verdicts_05", "verdicts_06", "read_margins",
            "MARGIN_FORMAT"]
 
 MARGIN_FORMAT = 1
@@ -38,15 +39,16 @@ NB05 = dict(experts=[8, 16, 32, 64], control=8, languages=48, few=4, steps=400, 
 NB06 = dict(last=50, degree=4)
 
 
-def study_04(seed: int, progress: bool = False):
-    """Notebook 04's ci sweep, long run and its constant-lr control for `seed`: (table, runs, long, constant)."""
+def study_04(seed: int, progress: bool = False, jobs: int = 1):
+    """Notebook 04's ci sweep, long run and its constant-lr control for `seed`: (table, runs, long, constant);
+    `jobs` one-thread processes train them (run_sweep's jobs)."""
     from .experiments import run_sweep
     from .stability import long_specs, summarize, sweep_specs
 
     specs = sweep_specs(seed=seed, **NB04)
-    runs = run_sweep(specs, progress=progress)
+    runs = run_sweep(specs, progress=progress, jobs=jobs)
     clip_top = next(s for s in specs if s.optimizer == "muonclip" and s.tau == NB04["tau"] and s.lr == NB04["lrs"][-1])
-    long, constant = run_sweep(list(long_specs(clip_top)), progress=progress)
+    long, constant = run_sweep(list(long_specs(clip_top)), progress=progress, jobs=jobs)
     return summarize(runs), runs, long, constant
 
 
@@ -67,10 +69,20 @@ def verdicts_04(table, runs, long, constant) -> dict:
     }
 
 
-def study_05(seed: int, progress: bool = False):
+def study_05(seed: int, progress: bool = False, jobs: int = 1):
     """Notebook 05's ci sweep for the seeds `seed`, `seed` + 1, `seed` + 2: (runs on 48 languages with the
     same-E control, runs of E = 8 and 64 on 4 languages)."""
-    from .experiments import RunSpec, run_sweep
+    from .experiments import run_sweep
+
+    specs, few = specs_05(seed)
+    runs = run_sweep(specs + few, progress=progress, jobs=jobs)
+    return runs[:len(specs)], runs[len(specs):]
+
+
+def specs_05(seed: int):
+    """The RunSpecs of notebook 05's ci sweep for the seeds `seed` .. `seed` + 2: (48 languages with the
+    same-E control, E = 8 and 64 on 4 languages)."""
+    from .experiments import RunSpec
     from .sparsity_study import languages_corpus, paired_specs
 
     n = NB05
@@ -81,8 +93,7 @@ def study_05(seed: int, progress: bool = False):
                    train={"balancing": "loss_free", "bias_update_speed": n["u"], "schedule": "cosine", "warmup_steps": 20})
     specs = paired_specs(base, n["experts"], seeds, control=n["control"])
     few = paired_specs(base.replace(corpus=languages_corpus(n["few"])), [min(n["experts"]), max(n["experts"])], seeds)
-    runs = run_sweep(specs + few, progress=progress)
-    return runs[:len(specs)], runs[len(specs):]
+    return specs, few
 
 
 def verdicts_05(runs, few_runs) -> dict:
@@ -104,13 +115,13 @@ def verdicts_05(runs, few_runs) -> dict:
     }
 
 
-def study_06(seeds, progress: bool = False):
+def study_06(seeds, progress: bool = False, jobs: int = 1):
     """Notebook 02's comparison runs (ci scale) for `seeds`, as notebook 06 runs them: a list of RunResults."""
     from ..balance import METHODS
     from .experiments import run_sweep
     from .expert_parallel import balancing_specs
 
-    return run_sweep([s for seed in seeds for s in balancing_specs(seed, METHODS)], progress=progress)
+    return run_sweep([s for seed in seeds for s in balancing_specs(seed, METHODS)], progress=progress, jobs=jobs)
 
 
 def verdicts_06(runs) -> dict:
@@ -175,7 +186,10 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    from .experiments import default_jobs
+
     torch.set_num_threads(1)
+    jobs = default_jobs()  # one-thread processes: the same numbers as one process
     seeds = args.seed or [0]
     env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR") if os.environ.get(k))
     words = [Path(w).name if w == args.out else w for w in (sys.argv[1:] if argv is None else argv)]  # no machine paths
@@ -183,11 +197,11 @@ def main(argv=None) -> int:
     rows = []
     for seed in seeds:  # the part is rewritten after every seed, so a long study can be stopped early
         if args.what == "04":
-            new = _rows("04", seed, verdicts_04(*study_04(seed)))
+            new = _rows("04", seed, verdicts_04(*study_04(seed, jobs=jobs)))
         elif args.what == "05":
-            new = _rows("05", seed, verdicts_05(*study_05(seed)))
+            new = _rows("05", seed, verdicts_05(*study_05(seed, jobs=jobs)))
         else:
-            new = _rows("06", seed, verdicts_06(study_06([seed])))
+            new = _rows("06", seed, verdicts_06(study_06([seed], jobs=jobs)))
         rows += new
         _write(Path(args.out), {"command": command, "rows": rows})
         for r in new:
