@@ -269,7 +269,7 @@ def where_time_goes(steps: int, threads: int, anchor: Anchor, libraries: dict, s
     return fits
 
 
-def in_processes(jobs: int, anchor: Anchor, repeats: int = 2) -> float:
+def in_processes(jobs: int, anchor: Anchor, repeats: int = 2) -> tuple[float, float | None]:
     """Notebook 05's ci sweep through run_sweep in `jobs` one-thread processes against one process, taking
     turns `repeats` times; prints the table and its model's fixed and per-sequence parts of a step. Returns the
     best speedup of the processes and the speedup per process if the whole fixed part went (the most that
@@ -426,6 +426,7 @@ def main():
                   f"that stacking the runs into one computation could save, would give {stacked:.2f}x per process, "
                   f"{procs * stacked:.2f}x in all; {GOAL_SPEEDUP:g}x needs the token-proportional work itself "
                   f"{GOAL_SPEEDUP / (procs * stacked):.2f}x faster as well, and that work is {WORK}")
+
 
 if __name__ == "__main__":
     main()
