@@ -7,7 +7,7 @@ claim: whether it held and its margin. The rows of all (kernel, seed) pairs are 
 committed record that the notebook prints, so the spread it quotes is one it shows.
 
     K2MINI_RUN_CACHE=cache-default ATEN_CPU_CAPABILITY=default \\
-        python -m k2mini.lab.margins 04 --seed 1 --kernels default --out part-04-default-1.json
+        python -m k2mini.lab.margins 04 --seed 1 --out part-04-default-1.json
     python -m k2mini.lab.margins merge data/runs/04_claim_margins.json part-04-*.json
 
 Use one run cache per kernel path: the cache reuses a run whatever kernels made it. The runs train in
