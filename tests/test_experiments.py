@@ -376,6 +376,19 @@ def test_sweep_in_two_processes_equals_one(corpus_file, tmp_path):
         run_sweep(specs, cache=False, jobs=2, data=object(), progress=False)
 
 
+def test_a_sweep_without_data_trains_each_run_on_its_own_corpus(corpus_file, tmp_path):
+    # one process: each corpus is loaded once and its runs share prepared batches; a run must still see its own
+    other = tmp_path / "other.txt"
+    other.write_text("".join(chr(32 + (7 * i) % 90) for i in range(12000)))
+    specs = [RunSpec(optimizer="adamw", lr=3e-3 * k, corpus=str(c), **{**TINY, "steps": 3})
+             for k, c in enumerate((corpus_file, other, corpus_file), 1)]
+    swept = run_sweep(specs, cache=False, jobs=1, progress=False)
+    for spec, r in zip(specs, swept):
+        alone = run_one(spec)
+        assert same_frame(r.history, alone.history, ignore=["wall_time"]) and same_state(r.state, alone.state)
+    assert not same_frame(swept[0].history, swept[1].history, ignore=["wall_time"])  # the corpora do differ
+
+
 def test_default_jobs_reads_the_environment_else_counts_this_process_cpus(monkeypatch):
     monkeypatch.delenv("K2MINI_JOBS", raising=False)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

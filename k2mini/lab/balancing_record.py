@@ -19,7 +19,7 @@ import torch
 
 from ..balance import METHODS
 from ..data import load_corpus, make_dataset
-from .experiments import run_sweep
+from .experiments import default_jobs, run_sweep
 from .records import read_record, write_record
 from .routing_study import balancing_base, balancing_spec, bias_effect, summarize_runs, untrained_window_stats
 
@@ -82,8 +82,9 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     data = make_dataset(load_corpus("shakespeare", progress=False))
     sweep_specs, method_specs = study_specs(args.steps, seeds, args.u)
-    sweep_runs = run_sweep(sweep_specs, data=data)
-    runs = run_sweep(method_specs, data=data)
+    # each spec's own corpus (this same Shakespeare), so that one-thread processes can train them
+    sweep_runs = run_sweep(sweep_specs, jobs=default_jobs())
+    runs = run_sweep(method_specs, jobs=default_jobs())
     untrained, effect = controls(runs, data, args.last)
     summary = pd.concat([
         summarize_runs(sweep_runs, last=args.last).assign(part="sweep"),

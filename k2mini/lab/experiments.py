@@ -605,9 +605,12 @@ def run_sweep(
             results[i] = _finish(result, store, bar)
     else:
         prepared: dict[tuple, PreparedBatches] = {}
+        corpora: dict[str, Any] = {}  # each corpus loaded once, so that its runs share prepared batches
         for i in todo:
             spec = specs[i]
-            base = data if data is not None else _dataset(spec.corpus)
+            if data is None and spec.corpus not in corpora:
+                corpora[spec.corpus] = _dataset(spec.corpus)
+            base = data if data is not None else corpora[spec.corpus]
             shape = (id(base), spec.batch_size, spec.seq_len, spec.batch_seed)
             if shape not in prepared:
                 prepared[shape] = PreparedBatches(base, spec.batch_size, spec.seq_len, spec.batch_seed)
