@@ -392,9 +392,17 @@ def test_a_sweep_without_data_trains_each_run_on_its_own_corpus(corpus_file, tmp
 def test_default_jobs_reads_the_environment_else_counts_this_process_cpus(monkeypatch):
     monkeypatch.delenv("K2MINI_JOBS", raising=False)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(ex, "_available_memory", lambda: None)
     assert ex.default_jobs() == usable
+    monkeypatch.setattr(ex, "_available_memory", lambda: 64 * ex.WORKER_MEMORY * usable)
+    assert ex.default_jobs() == usable
+    # no more workers than the memory holds, and always one
+    monkeypatch.setattr(ex, "_available_memory", lambda: 1 * ex.WORKER_MEMORY + 5)
+    assert ex.default_jobs() == 1
+    monkeypatch.setattr(ex, "_available_memory", lambda: 0)
+    assert ex.default_jobs() == 1
     monkeypatch.setenv("K2MINI_JOBS", " 3 ")
-    assert ex.default_jobs() == 3
+    assert ex.default_jobs() == 3  # the user's number, whatever the memory
     for bad in ("0", "-2", "two", "1.5"):
         monkeypatch.setenv("K2MINI_JOBS", bad)
         with pytest.raises(ValueError, match=f"K2MINI_JOBS must be .* got '{re.escape(bad)}'"):

@@ -550,13 +550,19 @@ def run_one(spec: RunSpec, data=None, *, progress: bool = False) -> RunResult:
                      machine=machine_description(), state=state)
 
 
+WORKER_MEMORY = 2**30  # bytes a sweep's worker process may take: torch, a corpus, a small run (~0.4 GB measured)
+
+
 def default_jobs() -> int:
     """How many one-thread processes a notebook's sweep trains in: ``$K2MINI_JOBS`` if set, else the CPUs
-    this process may run on. Every run does the same one-thread arithmetic in any process, so the number
-    changes the wall time only. ``make test`` sets 1: it already runs two notebooks side by side."""
+    this process may run on, but no more than the memory available holds (`WORKER_MEMORY` each). Every
+    run does the same one-thread arithmetic in any process, so the number changes the wall time only.
+    ``make test`` sets 1: it already runs two notebooks side by side."""
     value = os.environ.get("K2MINI_JOBS", "").strip()
     if not value:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        free = _available_memory()
+        return max(1, min(cpus, free // WORKER_MEMORY)) if free is not None else cpus
     try:
         jobs = int(value)
     except ValueError:
@@ -564,6 +570,18 @@ def default_jobs() -> int:
     if jobs < 1:
         raise ValueError(f"K2MINI_JOBS must be a whole number of processes >= 1, got {value!r}")
     return jobs
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new processes (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _run_in_worker(spec: RunSpec) -> RunResult:
