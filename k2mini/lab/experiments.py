@@ -584,9 +584,33 @@ def _available_memory() -> int | None:
     return None
 
 
+class _SharedBatches:
+    """Batches for the runs of one sweep (or of one worker process of it): each corpus loaded once and
+    each batch shape prepared once, or `data`'s if given."""
+
+    def __init__(self, data=None):
+        self.data, self.corpora, self.prepared = data, {}, {}
+
+    def __call__(self, spec: RunSpec) -> PreparedBatches:
+        base = self.data
+        if base is None:
+            if spec.corpus not in self.corpora:
+                self.corpora[spec.corpus] = _dataset(spec.corpus)
+            base = self.corpora[spec.corpus]
+        shape = (id(base), spec.batch_size, spec.seq_len, spec.batch_seed)
+        if shape not in self.prepared:
+            self.prepared[shape] = PreparedBatches(base, spec.batch_size, spec.seq_len, spec.batch_seed)
+        return self.prepared[shape]
+
+
+_WORKER_BATCHES: _SharedBatches | None = None  # a worker process's, for the runs of its sweep it trains
+
+
 def _run_in_worker(spec: RunSpec) -> RunResult:
+    global _WORKER_BATCHES
     torch.set_num_threads(1)
-    return run_one(spec)
+    _WORKER_BATCHES = _WORKER_BATCHES or _SharedBatches()
+    return run_one(spec, _WORKER_BATCHES(spec))
 
 
 def run_sweep(
@@ -622,17 +646,9 @@ def run_sweep(
         for i, result in _in_workers(specs, todo, jobs):
             results[i] = _finish(result, store, bar)
     else:
-        prepared: dict[tuple, PreparedBatches] = {}
-        corpora: dict[str, Any] = {}  # each corpus loaded once, so that its runs share prepared batches
+        batches = _SharedBatches(data)
         for i in todo:
-            spec = specs[i]
-            if data is None and spec.corpus not in corpora:
-                corpora[spec.corpus] = _dataset(spec.corpus)
-            base = data if data is not None else corpora[spec.corpus]
-            shape = (id(base), spec.batch_size, spec.seq_len, spec.batch_seed)
-            if shape not in prepared:
-                prepared[shape] = PreparedBatches(base, spec.batch_size, spec.seq_len, spec.batch_seed)
-            results[i] = _finish(run_one(spec, prepared[shape]), store, bar)
+            results[i] = _finish(run_one(specs[i], batches(specs[i])), store, bar)
     bar.close()
     return results
 
