@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import k2mini
+from k2mini.checkpoint import load as load_module
 from k2mini.lab import experiments as ex
 from k2mini.lab.experiments import PreparedBatches, RunCache, RunSpec, build_model, run_one, run_sweep
 from k2mini.lab.stability import summarize
@@ -392,14 +393,14 @@ def test_a_sweep_without_data_trains_each_run_on_its_own_corpus(corpus_file, tmp
 def test_default_jobs_reads_the_environment_else_counts_this_process_cpus(monkeypatch):
     monkeypatch.delenv("K2MINI_JOBS", raising=False)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    monkeypatch.setattr(ex, "_available_memory", lambda: None)
+    monkeypatch.setattr(load_module, "available_memory", lambda device, swap=True: None)
     assert ex.default_jobs() == usable
-    monkeypatch.setattr(ex, "_available_memory", lambda: 64 * ex.WORKER_MEMORY * usable)
+    monkeypatch.setattr(load_module, "available_memory", lambda device, swap=True: 64 * ex.WORKER_MEMORY * usable)
     assert ex.default_jobs() == usable
-    # no more workers than the memory holds, and always one
-    monkeypatch.setattr(ex, "_available_memory", lambda: 1 * ex.WORKER_MEMORY + 5)
+    # no more workers than the memory holds without swap, and always one
+    monkeypatch.setattr(load_module, "available_memory", lambda device, swap=True: (1 + 8 * swap) * ex.WORKER_MEMORY + 5)
     assert ex.default_jobs() == 1
-    monkeypatch.setattr(ex, "_available_memory", lambda: 0)
+    monkeypatch.setattr(load_module, "available_memory", lambda device, swap=True: 0)
     assert ex.default_jobs() == 1
     monkeypatch.setenv("K2MINI_JOBS", " 3 ")
     assert ex.default_jobs() == 3  # the user's number, whatever the memory

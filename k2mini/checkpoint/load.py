@@ -129,8 +129,9 @@ def check_sizes(reader: CheckpointReader, config: K2Config) -> None:
         )
 
 
-def available_memory(device) -> int | None:
-    """Bytes that can still be allocated on `device` (CPU: MemAvailable + SwapFree), or None if unknown."""
+def available_memory(device, swap: bool = True) -> int | None:
+    """Bytes that can still be allocated on `device` (CPU: MemAvailable, + SwapFree unless `swap` is False),
+    or None if unknown."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.mem_get_info(device)[0]
@@ -139,7 +140,7 @@ def available_memory(device) -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
-        return info["MemAvailable"] + info.get("SwapFree", 0)
+        return info["MemAvailable"] + (info.get("SwapFree", 0) if swap else 0)
     except (OSError, KeyError, ValueError):
         pass
     try:

@@ -83,8 +83,9 @@ def main(argv=None) -> None:
     data = make_dataset(load_corpus("shakespeare", progress=False))
     sweep_specs, method_specs = study_specs(args.steps, seeds, args.u)
     # each spec's own corpus (this same Shakespeare), so that one-thread processes can train them
-    sweep_runs = run_sweep(sweep_specs, jobs=default_jobs())
-    runs = run_sweep(method_specs, jobs=default_jobs())
+    jobs = default_jobs()
+    sweep_runs = run_sweep(sweep_specs, jobs=jobs)
+    runs = run_sweep(method_specs, jobs=jobs)
     untrained, effect = controls(runs, data, args.last)
     summary = pd.concat([
         summarize_runs(sweep_runs, last=args.last).assign(part="sweep"),

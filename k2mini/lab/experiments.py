@@ -560,8 +560,10 @@ def default_jobs() -> int:
     ``make test`` sets 1: it already runs two notebooks side by side."""
     value = os.environ.get("K2MINI_JOBS", "").strip()
     if not value:
+        from ..checkpoint.load import available_memory
+
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        free = _available_memory()
+        free = available_memory("cpu", swap=False)
         return max(1, min(cpus, free // WORKER_MEMORY)) if free is not None else cpus
     try:
         jobs = int(value)
@@ -570,18 +572,6 @@ def default_jobs() -> int:
     if jobs < 1:
         raise ValueError(f"K2MINI_JOBS must be a whole number of processes >= 1, got {value!r}")
     return jobs
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory available to new processes (Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 class _SharedBatches:
